@@ -1,0 +1,1 @@
+"""Fused q/k RMSNorm + RoPE + joint ``[text, image]`` concatenation (placeholder, being written)."""

@@ -1,0 +1,132 @@
+"""Emulation of the legacy vllm-omni text-RoPE length, for comparisons and tests.
+
+vllm-omni's Qwen-Image pipelines computed ``txt_seq_lens = prompt_embeds_mask.sum(dim=1)`` and its
+``QwenEmbedRope`` sliced the text table with
+``txt_freqs = pos_freqs[max_vid_index : max_vid_index + max(txt_seq_lens)]``. The transformer then
+applied that table to all ``encoder_hidden_states.shape[1]`` text positions. When the prompt is
+wider than its valid tokens (fixed-width collation, continuous-batching padding), the table is
+too short. diffusers, and this package, size the table by ``encoder_hidden_states.shape[1]``.
+
+This module reproduces the legacy behaviour on any model with diffusers' API (ours or diffusers'
+class) by wrapping the model's ``pos_embed`` output for one call: it truncates the text table to
+``max(mask.sum(dim=1))`` rows. Nothing is copied and the model is restored afterwards.
+
+Two flavours, because the short table fails differently depending on who applies it:
+
+- ``mode="native"``: the short table is applied as is. On the eager / CPU path the rotary
+  multiply cannot broadcast ``[max_len]`` rows against ``[width]`` positions and raises a
+  RuntimeError, as vllm-omni's native path does.
+- ``mode="kernel"``: fused rotary kernels read the table per position and leave positions past its
+  end unrotated. Emulated by padding the table with identity rotations (``1 + 0j``) up to the
+  width, so the forward runs; image outputs then differ from diffusers wherever a valid token sits
+  at or past ``max(mask.sum())`` (e.g. left padding). With right padding every such position is
+  masked out of attention, so the image outputs still match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+MODES = ("native", "kernel")
+
+
+def legacy_txt_seq_len(encoder_hidden_states_mask: torch.Tensor) -> int:
+    """The text RoPE length vllm-omni used: ``max(mask.sum(dim=1))`` over the batch.
+
+    Args:
+        encoder_hidden_states_mask: ``[batch, width]`` mask, 1 (or True) for valid tokens.
+    """
+    if encoder_hidden_states_mask is None:
+        raise ValueError(
+            "encoder_hidden_states_mask is required: the legacy length is max(mask.sum(dim=1)), got None"
+        )
+    if encoder_hidden_states_mask.dim() != 2:
+        raise ValueError(
+            "encoder_hidden_states_mask must be 2-D [batch, width], "
+            f"got shape {tuple(encoder_hidden_states_mask.shape)}"
+        )
+    return int(encoder_hidden_states_mask.to(torch.long).sum(dim=1).max())
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def legacy_txt_freqs(txt_freqs: torch.Tensor, txt_seq_len: int, mode: str) -> torch.Tensor:
+    """Turn the full-width text table into the legacy one.
+
+    Args:
+        txt_freqs: ``[width, D/2]`` complex table the model's RoPE module returned (rows start at
+            ``max_vid_index``, so its first ``txt_seq_len`` rows are exactly vllm-omni's slice).
+        txt_seq_len: legacy length, ``max(mask.sum(dim=1))``.
+        mode: ``"native"`` returns the short table; ``"kernel"`` pads it with identity rotations
+            back to ``width`` rows (what a fused kernel does past the end of its table).
+    """
+    _check_mode(mode)
+    if not torch.is_complex(txt_freqs):
+        raise ValueError(f"txt_freqs must be a complex [width, D/2] RoPE table, got dtype {txt_freqs.dtype}")
+    width = txt_freqs.shape[0]
+    if not 0 <= txt_seq_len <= width:
+        raise ValueError(f"txt_seq_len must be in [0, {width}] (the table width), got {txt_seq_len}")
+    short = txt_freqs[:txt_seq_len]
+    if mode == "native":
+        return short
+    identity = torch.ones(width - txt_seq_len, txt_freqs.shape[1], dtype=txt_freqs.dtype, device=txt_freqs.device)
+    return torch.cat([short, identity], dim=0)
+
+
+@contextlib.contextmanager
+def legacy_text_rope(model: nn.Module, txt_seq_len: int, mode: str = "native") -> Iterator[nn.Module]:
+    """Context manager: ``model``'s RoPE module returns the legacy text table while inside.
+
+    Replaces ``model.pos_embed.forward`` with a wrapper that calls the original and passes its
+    ``(img_freqs, txt_freqs)`` output through :func:`legacy_txt_freqs`; the original ``forward`` is
+    restored on exit, also after an exception.
+
+    Args:
+        model: a Qwen-Image transformer with a ``pos_embed`` module returning ``(img_freqs, txt_freqs)``.
+        txt_seq_len: legacy text RoPE length, see :func:`legacy_txt_seq_len`.
+        mode: ``"native"`` or ``"kernel"``, see the module docstring.
+    """
+    _check_mode(mode)
+    pos_embed = getattr(model, "pos_embed", None)
+    if not isinstance(pos_embed, nn.Module):
+        raise ValueError(f"model must have a `pos_embed` RoPE module, got {type(pos_embed).__name__}")
+    # An instance attribute shadows the class method; remember whether one was there already.
+    had_own_forward = "forward" in vars(pos_embed)
+    original = pos_embed.forward
+
+    def forward(*args, **kwargs):
+        img_freqs, txt_freqs = original(*args, **kwargs)
+        return img_freqs, legacy_txt_freqs(txt_freqs, txt_seq_len, mode)
+
+    pos_embed.forward = forward
+    try:
+        yield model
+    finally:
+        if had_own_forward:
+            pos_embed.forward = original
+        else:
+            del pos_embed.forward
+
+
+def legacy_forward(model: nn.Module, mode: str = "native", **forward_kwargs):
+    """Run ``model(**forward_kwargs)`` the way legacy vllm-omni sized the text RoPE table.
+
+    The legacy length is ``max(encoder_hidden_states_mask.sum(dim=1))``; everything else is the
+    model's own forward. With ``mode="native"`` a too-short table raises the model's RuntimeError
+    (it is not caught here); with ``mode="kernel"`` the forward runs.
+
+    Args:
+        model: ours or diffusers' ``QwenImageTransformer2DModel`` (same forward API).
+        mode: ``"native"`` or ``"kernel"``.
+        **forward_kwargs: the model's forward arguments; ``encoder_hidden_states_mask`` is required.
+    """
+    txt_seq_len = legacy_txt_seq_len(forward_kwargs.get("encoder_hidden_states_mask"))
+    with legacy_text_rope(model, txt_seq_len, mode):
+        return model(**forward_kwargs)

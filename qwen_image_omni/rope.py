@@ -1,0 +1,197 @@
+"""Rotary position tables for Qwen-Image: 2D/3D image positions and 1D text positions.
+
+The tables are the same complex64 values diffusers' ``QwenEmbedRope`` / ``QwenEmbedLayer3DRope``
+produce, bit for bit, but they have no fixed row cap: diffusers (and vllm-omni) slice a
+precomputed 4096-row table, so a text width + ``max_vid_index`` above 4096 crashes there.
+Every value here is ``exp(i * position * theta^(-2k/dim))`` computed elementwise on the CPU, so a
+row does not depend on how long the table is and extending it keeps the rows diffusers has.
+
+Tables are computed once on the CPU (as diffusers does, so CUDA and CPU runs see the same bits)
+and cached per device: a forward pass makes no host-to-device copy once its shapes were seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Image shapes are few per process (one per resolution / edit layout); bound the cache anyway.
+_IMAGE_CACHE_SIZE = 128
+_MIN_TEXT_ROWS = 4096
+
+
+def rope_params(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Complex rotations ``exp(i * p * theta^(-2k/dim))`` for integer ``positions``.
+
+    Args:
+        positions: 1-D integer tensor of token positions (may be negative).
+        dim: rotary dimension of this axis (even).
+        theta: RoPE base.
+
+    Returns:
+        complex64 tensor of shape ``[len(positions), dim // 2]``, computed exactly as diffusers'
+        ``QwenEmbedRope.rope_params``.
+    """
+    if dim % 2:
+        raise ValueError(f"rotary axis dimension must be even, got dim={dim}")
+    inv_freq = 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float32).div(dim))
+    angles = torch.outer(positions, inv_freq)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def normalize_img_shapes(img_shapes) -> list[list[tuple[int, int, int]]]:
+    """Bring ``img_shapes`` to diffusers' canonical form: one list of ``(frame, height, width)`` per sample.
+
+    Accepts ``(f, h, w)``, ``[(f, h, w), ...]`` (one sample, several images) and
+    ``[[(f, h, w), ...], ...]`` (per sample), as diffusers' RoPE module does.
+    """
+    if img_shapes is None:
+        raise ValueError("`img_shapes` is required: a list of (frame, height, width) latent-grid shapes per sample, got None")
+
+    def is_fhw(entry) -> bool:
+        return isinstance(entry, Sequence) and len(entry) == 3 and all(isinstance(v, int) for v in entry)
+
+    if is_fhw(img_shapes):
+        return [[tuple(img_shapes)]]
+    if not isinstance(img_shapes, Sequence) or len(img_shapes) == 0:
+        raise ValueError(f"`img_shapes` must be a non-empty list of (frame, height, width) shapes, got {img_shapes!r}")
+    if all(is_fhw(e) for e in img_shapes):
+        return [[tuple(e) for e in img_shapes]]
+    samples = []
+    for sample in img_shapes:
+        if is_fhw(sample):
+            samples.append([tuple(sample)])
+        elif isinstance(sample, Sequence) and sample and all(is_fhw(e) for e in sample):
+            samples.append([tuple(e) for e in sample])
+        else:
+            raise ValueError(
+                f"`img_shapes` entries must be (frame, height, width) tuples of ints or lists of them, got {sample!r}"
+            )
+    return samples
+
+
+class QwenEmbedRope(nn.Module):
+    """Qwen-Image rotary embedding: image (frame, height, width) axes followed by 1-D text positions.
+
+    One module covers both diffusers variants: ``layer3d=False`` is ``QwenEmbedRope`` (several
+    images are stacked along the frame axis, as Edit does), ``layer3d=True`` is
+    ``QwenEmbedLayer3DRope`` (Qwen-Image-Layered: the last entry is the condition image, placed at
+    frame -1). Text positions start after the largest image extent (``max_vid_index``).
+
+    Args:
+        theta: RoPE base.
+        axes_dim: rotary dimensions of the frame, height and width axes (sum = head dim).
+        scale_rope: centre height/width positions on zero (``-(h - h//2) .. h//2 - 1``), as Qwen-Image does.
+        layer3d: use the Layered variant's positions.
+    """
+
+    def __init__(self, theta: int, axes_dim: Sequence[int], scale_rope: bool = False, layer3d: bool = False):
+        super().__init__()
+        self.theta = theta
+        self.axes_dim = list(axes_dim)
+        self.scale_rope = scale_rope
+        self.layer3d = layer3d
+        # Not buffers: complex buffers lose their imaginary part on dtype casts, and these are derived data.
+        self._text_tables: dict[torch.device, torch.Tensor] = {}
+        self._image_freqs: dict[tuple, torch.Tensor] = {}
+
+    def _axis_positions(self, extent: int) -> torch.Tensor:
+        if self.scale_rope:
+            return torch.arange(-(extent - extent // 2), extent // 2)
+        return torch.arange(extent)
+
+    def _entry_freqs(self, index: int, frame: int, height: int, width: int, is_condition: bool) -> torch.Tensor:
+        """Frequencies of one image entry, ``[frame*height*width, D/2]``, on the CPU."""
+        if is_condition:
+            if frame != 1:
+                raise ValueError(f"the Layered condition image must have frame=1, got frame={frame}")
+            frame_positions = torch.tensor([-1])
+        else:
+            frame_positions = torch.arange(index, index + frame)
+        f_dim, h_dim, w_dim = self.axes_dim
+        freqs_frame = rope_params(frame_positions, f_dim, self.theta)
+        freqs_height = rope_params(self._axis_positions(height), h_dim, self.theta)
+        freqs_width = rope_params(self._axis_positions(width), w_dim, self.theta)
+        grid = (frame, height, width)
+        freqs = torch.cat(
+            [
+                freqs_frame.view(frame, 1, 1, -1).expand(*grid, -1),
+                freqs_height.view(1, height, 1, -1).expand(*grid, -1),
+                freqs_width.view(1, 1, width, -1).expand(*grid, -1),
+            ],
+            dim=-1,
+        )
+        return freqs.reshape(frame * height * width, -1)
+
+    def image_freqs(self, shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
+        """Concatenated frequencies of all image entries of one sample, cached per (shapes, device)."""
+        key = (shapes, self.layer3d, device)
+        freqs = self._image_freqs.get(key)
+        if freqs is None:
+            last = len(shapes) - 1
+            entries = [
+                self._entry_freqs(i, f, h, w, is_condition=self.layer3d and i == last)
+                for i, (f, h, w) in enumerate(shapes)
+            ]
+            freqs = torch.cat(entries, dim=0).to(device)
+            if len(self._image_freqs) >= _IMAGE_CACHE_SIZE:
+                self._image_freqs.clear()
+            self._image_freqs[key] = freqs
+        return freqs
+
+    def text_freqs(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """Frequencies of text positions ``start .. start + length - 1`` (all three axes), ``[length, D/2]``.
+
+        A view into a per-device table that grows (doubling) when a longer span is asked for.
+        """
+        needed = start + length
+        table = self._text_tables.get(device)
+        if table is None or table.shape[0] < needed:
+            rows = max(_MIN_TEXT_ROWS, 1 << max(needed - 1, 1).bit_length())
+            positions = torch.arange(rows)
+            table = torch.cat([rope_params(positions, dim, self.theta) for dim in self.axes_dim], dim=1).to(device)
+            self._text_tables[device] = table
+        return table[start:needed]
+
+    def max_vid_index(self, shapes: Sequence[tuple[int, int, int]]) -> int:
+        """First text position: the largest (scaled) image extent, and for Layered at least the layer count."""
+        extents = [max(h // 2, w // 2) if self.scale_rope else max(h, w) for _, h, w in shapes]
+        index = max(extents)
+        if self.layer3d:
+            index = max(index, len(shapes) - 1)
+        return index
+
+    def forward(
+        self,
+        video_fhw,
+        device: torch.device | None = None,
+        max_txt_seq_len: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(img_freqs [S_img, D/2], txt_freqs [max_txt_seq_len, D/2])``, complex64.
+
+        Args:
+            video_fhw: image shapes in any form ``normalize_img_shapes`` accepts. Like diffusers, the
+                first sample's shapes are used for the whole batch (a warning is logged if they differ).
+            device: device of the returned tables (CPU when None).
+            max_txt_seq_len: text width, i.e. ``encoder_hidden_states.shape[1]``.
+        """
+        if max_txt_seq_len is None:
+            raise ValueError("`max_txt_seq_len` must be provided (the text width, encoder_hidden_states.shape[1])")
+        samples = normalize_img_shapes(video_fhw)
+        shapes = tuple(samples[0])
+        if any(tuple(s) != shapes for s in samples[1:]):
+            logger.warning(
+                "Batch inference with different image shapes per sample is not supported by Qwen-Image RoPE; "
+                "using the first sample's shapes %s for the whole batch (got %s).",
+                shapes,
+                samples,
+            )
+        device = torch.device("cpu") if device is None else torch.device(device)
+        img_freqs = self.image_freqs(shapes, device)
+        txt_freqs = self.text_freqs(self.max_vid_index(shapes), int(max_txt_seq_len), device)
+        return img_freqs, txt_freqs

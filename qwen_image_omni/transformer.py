@@ -1,0 +1,543 @@
+# Copyright 2025 Qwen-Image Team, The HuggingFace Team and the qwen-image-omni authors.
+# Licensed under the Apache License, Version 2.0.
+"""Qwen-Image transformer: a drop-in for diffusers' ``QwenImageTransformer2DModel``.
+
+Same config, same state-dict keys, same outputs; the difference is where the text RoPE length
+comes from. It is always ``encoder_hidden_states.shape[1]``, read inside ``forward``: there is no
+length argument, so prompt embeddings padded wider than their valid tokens (fixed-width RL
+collation, continuous-batching padding) get the same numbers as unpadded ones. Callers that still
+pass vllm-omni's ``txt_seq_lens`` are accepted, warned once, and ignored.
+
+The q/k RMSNorm + RoPE + ``[text, image]`` concatenation of every block goes through
+``qwen_image_omni.kernels.joint_qk_norm_rope``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import FromOriginalModelMixin, PeftAdapterMixin
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention import AttentionMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import Attention
+from diffusers.models.cache_utils import CacheMixin
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
+from diffusers.utils import apply_lora_scale
+from diffusers.utils.torch_utils import maybe_allow_in_graph
+
+from .kernels import joint_qk_norm_rope
+from .rope import QwenEmbedRope, normalize_img_shapes
+
+_TXT_SEQ_LENS_WARNED = False
+
+
+def _warn_txt_seq_lens_ignored() -> None:
+    global _TXT_SEQ_LENS_WARNED
+    if _TXT_SEQ_LENS_WARNED or torch.compiler.is_compiling():
+        return
+    _TXT_SEQ_LENS_WARNED = True
+    warnings.warn(
+        "`txt_seq_lens` is ignored by qwen_image_omni.QwenImageTransformer2DModel: the text RoPE length is "
+        "always encoder_hidden_states.shape[1] (as in diffusers). Stop passing it; it will be removed.",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+class QwenTimestepProjEmbeddings(nn.Module):
+    """Sinusoidal timestep projection + MLP, plus Qwen-Image-Layered's learned additional condition."""
+
+    def __init__(self, embedding_dim: int, use_additional_t_cond: bool = False):
+        super().__init__()
+        self.time_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)
+        self.timestep_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=embedding_dim)
+        self.use_additional_t_cond = use_additional_t_cond
+        if use_additional_t_cond:
+            self.addition_t_embedding = nn.Embedding(2, embedding_dim)
+
+    def forward(
+        self, timestep: torch.Tensor, hidden_states: torch.Tensor, addition_t_cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return the conditioning vector ``[N, embedding_dim]`` in ``hidden_states``' dtype."""
+        conditioning = self.timestep_embedder(self.time_proj(timestep).to(dtype=hidden_states.dtype))
+        if self.use_additional_t_cond:
+            if addition_t_cond is None:
+                raise ValueError("`additional_t_cond` is required when the model has use_additional_t_cond=True")
+            conditioning = conditioning + self.addition_t_embedding(addition_t_cond).to(dtype=hidden_states.dtype)
+        return conditioning
+
+
+def _norm_weight(norm: nn.Module | None, name: str) -> torch.Tensor | None:
+    """The weight ``joint_qk_norm_rope`` takes for one of ``Attention``'s q/k norms (None: no norm)."""
+    if norm is None:
+        return None
+    if not isinstance(norm, RMSNorm) or norm.weight is None or norm.bias is not None:
+        raise ValueError(f"attn.{name} must be None or an affine RMSNorm without bias, got {norm!r}")
+    return norm.weight
+
+
+class QwenDoubleStreamAttnProcessor:
+    """Joint attention over ``[text, image]`` tokens for Qwen-Image's double-stream blocks.
+
+    Computes q/k/v of both streams, normalises and rotates q and k with one
+    ``joint_qk_norm_rope`` call that writes them straight into the joint buffers, runs attention
+    through diffusers' ``dispatch_attention_fn`` (so ``set_attention_backend`` and context
+    parallelism work), and splits the result back into the two streams.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is None:
+            raise ValueError("QwenDoubleStreamAttnProcessor requires `encoder_hidden_states` (the text stream)")
+        if attention_mask is not None:
+            raise ValueError(
+                "QwenDoubleStreamAttnProcessor does not take `attention_mask`; pass `encoder_hidden_states_mask` "
+                "and the processor builds the joint mask"
+            )
+        if image_rotary_emb is None:
+            raise ValueError("QwenDoubleStreamAttnProcessor requires `image_rotary_emb` = (img_freqs, txt_freqs)")
+
+        if encoder_hidden_states_mask is not None:
+            image_mask = encoder_hidden_states_mask.new_ones(hidden_states.shape[:2])
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+
+        seq_txt = encoder_hidden_states.shape[1]
+        # A fixed head_dim with -1 heads keeps this tensor-parallel agnostic (each rank holds heads // tp).
+        head_dim = attn.inner_dim // attn.heads
+        img_query = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
+        img_key = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
+        img_value = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
+        txt_query = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_key = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+
+        img_freqs, txt_freqs = image_rotary_emb
+        eps = next((n.eps for n in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k) if n), 1e-6)
+        joint_query, joint_key = joint_qk_norm_rope(
+            img_query,
+            img_key,
+            txt_query,
+            txt_key,
+            img_q_weight=_norm_weight(attn.norm_q, "norm_q"),
+            img_k_weight=_norm_weight(attn.norm_k, "norm_k"),
+            txt_q_weight=_norm_weight(attn.norm_added_q, "norm_added_q"),
+            txt_k_weight=_norm_weight(attn.norm_added_k, "norm_added_k"),
+            img_freqs=img_freqs,
+            txt_freqs=txt_freqs,
+            eps=eps,
+        )
+        joint_value = torch.cat([txt_value, img_value], dim=1)
+
+        joint_hidden_states = dispatch_attention_fn(
+            joint_query,
+            joint_key,
+            joint_value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        joint_hidden_states = joint_hidden_states.flatten(2, 3).to(joint_query.dtype)
+
+        txt_attn_output = joint_hidden_states[:, :seq_txt, :]
+        img_attn_output = joint_hidden_states[:, seq_txt:, :]
+        img_attn_output = attn.to_out[0](img_attn_output.contiguous())
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)  # dropout
+        txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
+        return img_attn_output, txt_attn_output
+
+
+def _modulate(
+    x: torch.Tensor, mod_params: torch.Tensor, modulate_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaLN modulation ``x * (1 + scale) + shift``; returns it and the gate.
+
+    With ``modulate_index`` (Edit-Plus ``zero_cond_t``) ``mod_params`` holds ``2B`` rows: the first
+    ``B`` (real timestep) modulate tokens whose index is 0, the last ``B`` (timestep 0) the others.
+    """
+    shift, scale, gate = mod_params.chunk(3, dim=-1)
+    if modulate_index is None:
+        shift, scale, gate = shift.unsqueeze(1), scale.unsqueeze(1), gate.unsqueeze(1)
+    else:
+        is_target = (modulate_index == 0).unsqueeze(-1)
+
+        def select(params: torch.Tensor) -> torch.Tensor:
+            target, condition = params.chunk(2, dim=0)
+            return torch.where(is_target, target.unsqueeze(1), condition.unsqueeze(1))
+
+        shift, scale, gate = select(shift), select(scale), select(gate)
+    return x * (1 + scale) + shift, gate
+
+
+@maybe_allow_in_graph
+class QwenImageTransformerBlock(nn.Module):
+    """One double-stream (MMDiT) block: AdaLN-modulated joint attention and a GELU MLP per stream."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        qk_norm: str = "rms_norm",
+        eps: float = 1e-6,
+        zero_cond_t: bool = False,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.num_attention_heads = num_attention_heads
+        self.attention_head_dim = attention_head_dim
+        self.zero_cond_t = zero_cond_t
+
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.attn = Attention(
+            query_dim=dim,
+            cross_attention_dim=None,
+            added_kv_proj_dim=dim,
+            dim_head=attention_head_dim,
+            heads=num_attention_heads,
+            out_dim=dim,
+            context_pre_only=False,
+            bias=True,
+            processor=QwenDoubleStreamAttnProcessor(),
+            qk_norm=qk_norm,
+            eps=eps,
+        )
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.img_mlp = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
+
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
+        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.txt_mlp = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor | None,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        modulate_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(encoder_hidden_states, hidden_states)`` after one block (diffusers' order)."""
+        img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)
+        if self.zero_cond_t:
+            temb = temb.chunk(2, dim=0)[0]
+        txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
+
+        img_modulated, img_gate1 = _modulate(self.img_norm1(hidden_states), img_mod1, modulate_index)
+        txt_modulated, txt_gate1 = _modulate(self.txt_norm1(encoder_hidden_states), txt_mod1)
+        img_attn_output, txt_attn_output = self.attn(
+            hidden_states=img_modulated,
+            encoder_hidden_states=txt_modulated,
+            encoder_hidden_states_mask=encoder_hidden_states_mask,
+            image_rotary_emb=image_rotary_emb,
+            **(joint_attention_kwargs or {}),
+        )
+        hidden_states = hidden_states + img_gate1 * img_attn_output
+        encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
+
+        img_modulated2, img_gate2 = _modulate(self.img_norm2(hidden_states), img_mod2, modulate_index)
+        hidden_states = hidden_states + img_gate2 * self.img_mlp(img_modulated2)
+        txt_modulated2, txt_gate2 = _modulate(self.txt_norm2(encoder_hidden_states), txt_mod2)
+        encoder_hidden_states = encoder_hidden_states + txt_gate2 * self.txt_mlp(txt_modulated2)
+
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+class QwenImageTransformer2DModel(
+    ModelMixin, ConfigMixin, PeftAdapterMixin, FromOriginalModelMixin, CacheMixin, AttentionMixin
+):
+    """The Qwen-Image double-stream diffusion transformer, a drop-in for diffusers' class of the same name.
+
+    Loads and saves diffusers checkpoints unchanged (same config and state-dict keys). The text
+    RoPE length is ``encoder_hidden_states.shape[1]``, never a separate argument.
+
+    Args:
+        patch_size (`int`, defaults to 2): patch size of the latent grid.
+        in_channels (`int`, defaults to 64): channels of the packed latent tokens.
+        out_channels (`int`, *optional*, defaults to 16): output channels per patch pixel (``in_channels`` if None).
+        num_layers (`int`, defaults to 60): number of double-stream blocks.
+        attention_head_dim (`int`, defaults to 128): dimension of each attention head.
+        num_attention_heads (`int`, defaults to 24): number of attention heads.
+        joint_attention_dim (`int`, defaults to 3584): channel dimension of ``encoder_hidden_states``.
+        guidance_embeds (`bool`, defaults to False): kept for config compatibility; Qwen-Image has no guidance embedding.
+        axes_dims_rope (`tuple[int]`, defaults to (16, 56, 56)): rotary dimensions of the frame/height/width axes.
+        zero_cond_t (`bool`, defaults to False): Edit-Plus 2511: condition-image tokens are modulated with timestep 0.
+        use_additional_t_cond (`bool`, defaults to False): Layered: add a learned embedding of ``additional_t_cond``.
+        use_layer3d_rope (`bool`, defaults to False): Layered: 3-D RoPE with the condition image at frame -1.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["QwenImageTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _repeated_blocks = ["QwenImageTransformerBlock"]
+    _cp_plan = {
+        "transformer_blocks.0": {
+            "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+            "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        },
+        "transformer_blocks.*": {
+            "modulate_index": ContextParallelInput(split_dim=1, expected_dims=2, split_output=False),
+            "encoder_hidden_states_mask": ContextParallelInput(split_dim=1, expected_dims=2, split_output=False),
+        },
+        "pos_embed": {
+            0: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+            1: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True),
+        },
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+    _tp_plan = {
+        "transformer_blocks.*.attn.to_q": "colwise",
+        "transformer_blocks.*.attn.to_k": "colwise",
+        "transformer_blocks.*.attn.to_v": "colwise",
+        "transformer_blocks.*.attn.to_out.0": "rowwise",
+        "transformer_blocks.*.attn.add_q_proj": "colwise",
+        "transformer_blocks.*.attn.add_k_proj": "colwise",
+        "transformer_blocks.*.attn.add_v_proj": "colwise",
+        "transformer_blocks.*.attn.to_add_out": "rowwise",
+        "transformer_blocks.*.img_mlp.net.0.proj": "colwise",
+        "transformer_blocks.*.img_mlp.net.2": "rowwise",
+        "transformer_blocks.*.txt_mlp.net.0.proj": "colwise",
+        "transformer_blocks.*.txt_mlp.net.2": "rowwise",
+    }
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 2,
+        in_channels: int = 64,
+        out_channels: int | None = 16,
+        num_layers: int = 60,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 24,
+        joint_attention_dim: int = 3584,
+        guidance_embeds: bool = False,
+        axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+        zero_cond_t: bool = False,
+        use_additional_t_cond: bool = False,
+        use_layer3d_rope: bool = False,
+    ):
+        super().__init__()
+        self.out_channels = out_channels or in_channels
+        self.inner_dim = num_attention_heads * attention_head_dim
+        if sum(axes_dims_rope) != attention_head_dim:
+            raise ValueError(
+                f"`axes_dims_rope` must sum to attention_head_dim={attention_head_dim}, got {tuple(axes_dims_rope)}"
+            )
+
+        self.pos_embed = QwenEmbedRope(theta=10000, axes_dim=axes_dims_rope, scale_rope=True, layer3d=use_layer3d_rope)
+        self.time_text_embed = QwenTimestepProjEmbeddings(self.inner_dim, use_additional_t_cond=use_additional_t_cond)
+        self.txt_norm = RMSNorm(joint_attention_dim, eps=1e-6)
+        self.img_in = nn.Linear(in_channels, self.inner_dim)
+        self.txt_in = nn.Linear(joint_attention_dim, self.inner_dim)
+        self.transformer_blocks = nn.ModuleList(
+            [
+                QwenImageTransformerBlock(
+                    dim=self.inner_dim,
+                    num_attention_heads=num_attention_heads,
+                    attention_head_dim=attention_head_dim,
+                    zero_cond_t=zero_cond_t,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim, elementwise_affine=False, eps=1e-6)
+        self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels, bias=True)
+
+        self.gradient_checkpointing = False
+        self.zero_cond_t = zero_cond_t
+
+    def _text_attention_mask(
+        self, encoder_hidden_states_mask: torch.Tensor | None, batch_size: int, text_width: int
+    ) -> torch.Tensor | None:
+        """Check the text mask and return it as bool, or None when every token is valid (SDPA fast path)."""
+        mask = encoder_hidden_states_mask
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"`encoder_hidden_states_mask` must be a torch.Tensor or None, got {type(mask).__name__}")
+        if tuple(mask.shape) != (batch_size, text_width):
+            raise ValueError(
+                f"`encoder_hidden_states_mask` must have shape (batch, text_width)=({batch_size}, {text_width}) "
+                f"to match encoder_hidden_states, got {tuple(mask.shape)}"
+            )
+        if mask.dtype.is_floating_point and not torch.compiler.is_compiling():
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(
+                    "`encoder_hidden_states_mask` must hold 1 for valid and 0 for padding tokens; a float mask "
+                    "with other values (e.g. an additive 0/-inf mask) is not a keep-mask"
+                )
+        if mask.dtype != torch.bool:
+            mask = mask != 0
+        if not torch.compiler.is_compiling() and bool(mask.all()):
+            return None
+        return mask
+
+    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep, img_shapes) -> list:
+        """Validate shapes up front; return ``img_shapes`` in per-sample list form."""
+        if encoder_hidden_states is None:
+            raise ValueError("`encoder_hidden_states` is required: (batch, text_width, joint_attention_dim), got None")
+        if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.config.in_channels:
+            raise ValueError(
+                f"`hidden_states` must have shape (batch, image_tokens, in_channels={self.config.in_channels}), "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        joint_dim = self.config.joint_attention_dim
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != joint_dim:
+            raise ValueError(
+                f"`encoder_hidden_states` must have shape (batch, text_width, joint_attention_dim={joint_dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        batch_size, image_tokens = hidden_states.shape[:2]
+        if encoder_hidden_states.shape[0] != batch_size:
+            raise ValueError(
+                f"`encoder_hidden_states` batch must equal hidden_states batch={batch_size}, "
+                f"got {encoder_hidden_states.shape[0]}"
+            )
+        if timestep is None:
+            raise ValueError("`timestep` is required: a tensor of 1 or batch values")
+        if timestep.ndim > 1 or timestep.numel() not in (1, batch_size):
+            raise ValueError(
+                f"`timestep` must hold 1 or batch={batch_size} values (shape (1,) or ({batch_size},)), "
+                f"got shape {tuple(timestep.shape)}"
+            )
+        samples = normalize_img_shapes(img_shapes)
+        for i, sample in enumerate(samples):
+            tokens = sum(math.prod(fhw) for fhw in sample)
+            if tokens != image_tokens:
+                raise ValueError(
+                    f"`img_shapes` sample {i} {sample} covers {tokens} image tokens, but hidden_states has "
+                    f"{image_tokens} (hidden_states.shape[1])"
+                )
+        return samples
+
+    @staticmethod
+    def _modulate_index(samples: list, batch_size: int, image_tokens: int, device: torch.device) -> torch.Tensor:
+        """Per-token 0 (target image) / 1 (condition images) for Edit-Plus ``zero_cond_t``, shape (batch, tokens)."""
+        if len(samples) == 1:
+            samples = samples * batch_size
+        positions = torch.arange(image_tokens, device=device)
+        rows = [(positions >= math.prod(sample[0])).to(torch.int) for sample in samples]
+        return torch.stack(rows)
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor = None,
+        img_shapes: list | None = None,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        controlnet_block_samples: list[torch.Tensor] | None = None,
+        additional_t_cond: torch.Tensor | None = None,
+        return_dict: bool = True,
+        *,
+        txt_seq_lens: Any = None,
+    ) -> torch.Tensor | Transformer2DModelOutput:
+        """Denoise one step.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch, image_tokens, in_channels)`): packed latent tokens.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch, text_width, joint_attention_dim)`): prompt
+                embeddings. Their width is the text RoPE length; padding columns are fine when masked.
+            encoder_hidden_states_mask (`torch.Tensor` of shape `(batch, text_width)`, *optional*): 1/True for
+                valid tokens, 0/False for padding; bool, integer or 0/1 float; any pattern (right, left, holes).
+            timestep (`torch.Tensor` of shape `(batch,)` or `(1,)`): flow-matching time in [0, 1].
+            img_shapes (`list`): per sample, a list of `(frame, height, width)` latent grids (Edit: several).
+            guidance: must be None (Qwen-Image has no guidance embedding; present for signature compatibility).
+            attention_kwargs (`dict`, *optional*): passed to the attention processor; `scale` sets the LoRA scale.
+            controlnet_block_samples (*optional*): ControlNet residuals added to the image stream after blocks.
+            additional_t_cond (`torch.Tensor`, *optional*): Layered's additional condition (0/1 per sample).
+            return_dict (`bool`, defaults to True): return a `Transformer2DModelOutput` instead of a tuple.
+            txt_seq_lens: deprecated vllm-omni argument; accepted, ignored, warned once (FutureWarning).
+
+        Returns:
+            `Transformer2DModelOutput` with `sample` of shape `(batch, image_tokens, patch_size**2 * out_channels)`,
+            or a 1-tuple when `return_dict=False`.
+        """
+        if txt_seq_lens is not None:
+            _warn_txt_seq_lens_ignored()
+        if guidance is not None:
+            raise ValueError(
+                "`guidance` must be None: Qwen-Image transformers have no guidance embedding "
+                "(use true CFG in the pipeline instead)"
+            )
+        samples = self._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes)
+        batch_size, image_tokens = hidden_states.shape[:2]
+        text_width = encoder_hidden_states.shape[1]  # the text RoPE length: the tensor's own width
+        encoder_hidden_states_mask = self._text_attention_mask(encoder_hidden_states_mask, batch_size, text_width)
+
+        hidden_states = self.img_in(hidden_states)
+        timestep = timestep.reshape(-1).to(hidden_states.dtype)
+        if self.zero_cond_t:
+            timestep = torch.cat([timestep, timestep * 0], dim=0)
+            modulate_index = self._modulate_index(samples, batch_size, image_tokens, hidden_states.device)
+        else:
+            modulate_index = None
+
+        encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states))
+        temb = self.time_text_embed(timestep, hidden_states, additional_t_cond)
+        image_rotary_emb = self.pos_embed(samples, max_txt_seq_len=text_width, device=hidden_states.device)
+
+        for index_block, block in enumerate(self.transformer_blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
+                    block,
+                    hidden_states,
+                    encoder_hidden_states,
+                    encoder_hidden_states_mask,
+                    temb,
+                    image_rotary_emb,
+                    attention_kwargs,
+                    modulate_index,
+                )
+            else:
+                encoder_hidden_states, hidden_states = block(
+                    hidden_states=hidden_states,
+                    encoder_hidden_states=encoder_hidden_states,
+                    encoder_hidden_states_mask=encoder_hidden_states_mask,
+                    temb=temb,
+                    image_rotary_emb=image_rotary_emb,
+                    joint_attention_kwargs=attention_kwargs,
+                    modulate_index=modulate_index,
+                )
+            if controlnet_block_samples is not None:
+                interval = math.ceil(len(self.transformer_blocks) / len(controlnet_block_samples))
+                hidden_states = hidden_states + controlnet_block_samples[index_block // interval]
+
+        if self.zero_cond_t:
+            temb = temb.chunk(2, dim=0)[0]
+        output = self.proj_out(self.norm_out(hidden_states, temb))
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)

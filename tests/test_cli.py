@@ -1,0 +1,175 @@
+"""Tests of ``qwen-image-omni check`` / ``bench`` and of the legacy vllm-omni emulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import QwenImageTransformer2DModel as DiffusersTransformer
+
+from qwen_image_omni import QwenImageTransformer2DModel, cli
+from qwen_image_omni.legacy import legacy_forward, legacy_text_rope, legacy_txt_freqs, legacy_txt_seq_len
+
+MODEL_CLASSES = [DiffusersTransformer, QwenImageTransformer2DModel]
+
+
+@pytest.fixture(scope="module")
+def source():
+    """The embedded tiny random-weight model of ``check``."""
+    return cli.tiny_source()
+
+
+@pytest.fixture(scope="module")
+def inputs(source):
+    """``check``'s fp32 inputs: a 37-token and a 5-token prompt, width 256."""
+    return cli.make_inputs(source.config, cli.TINY_LATENT_GRID, torch.float32)
+
+
+def kwargs_for(inputs, layout, prompt="pos"):
+    """Forward kwargs of one CFG branch on the CPU in fp32."""
+    return cli.forward_kwargs(inputs, prompt, layout, torch.float32, torch.device("cpu"))
+
+
+def run(model, kwargs, mode=None):
+    """Image-token output of a plain (mode None) or legacy forward."""
+    with torch.no_grad():
+        if mode is None:
+            return model(**kwargs)[0]
+        return legacy_forward(model, mode, **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------- legacy
+
+
+def test_legacy_txt_seq_len_is_max_valid_count():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    assert legacy_txt_seq_len(mask) == 4
+    assert legacy_txt_seq_len(mask.bool()) == 4
+
+
+def test_legacy_rejects_missing_mask_and_unknown_mode():
+    with pytest.raises(ValueError, match="encoder_hidden_states_mask"):
+        legacy_txt_seq_len(None)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        legacy_txt_freqs(torch.ones(4, 2, dtype=torch.complex64), 2, "fused")
+
+
+def test_legacy_txt_freqs_native_truncates_kernel_pads_with_identity():
+    table = torch.polar(torch.ones(6, 3), torch.rand(6, 3))
+    assert torch.equal(legacy_txt_freqs(table, 2, "native"), table[:2])
+    padded = legacy_txt_freqs(table, 2, "kernel")
+    assert padded.shape == table.shape
+    assert torch.equal(padded[:2], table[:2])
+    assert torch.equal(padded[2:], torch.ones(4, 3, dtype=table.dtype))
+
+
+@pytest.mark.parametrize("cls", MODEL_CLASSES, ids=["diffusers", "ours"])
+def test_legacy_native_raises_on_padded_prompt(source, inputs, cls):
+    model = source.load(cls, torch.float32).eval()
+    with pytest.raises(RuntimeError):
+        run(model, kwargs_for(inputs, "right"), mode="native")
+
+
+@pytest.mark.parametrize("cls", MODEL_CLASSES, ids=["diffusers", "ours"])
+def test_legacy_kernel_runs_and_differs_from_diffusers_on_padded_prompt(source, inputs, cls):
+    model = source.load(cls, torch.float32).eval()
+    reference = source.load(DiffusersTransformer, torch.float32).eval()
+    # Left padding puts valid tokens past max(mask.sum()): the legacy table leaves them unrotated.
+    kwargs = kwargs_for(inputs, "left")
+    legacy = run(model, kwargs, mode="kernel")
+    assert torch.isfinite(legacy).all()
+    assert (legacy - run(reference, kwargs)).abs().max() > 1e-3
+    # Right padding: positions past the table are all masked out of attention, image outputs match.
+    kwargs = kwargs_for(inputs, "right")
+    torch.testing.assert_close(run(model, kwargs, mode="kernel"), run(reference, kwargs), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["native", "kernel"])
+@pytest.mark.parametrize("cls", MODEL_CLASSES, ids=["diffusers", "ours"])
+def test_legacy_without_padding_equals_diffusers(source, inputs, cls, mode):
+    model = source.load(cls, torch.float32).eval()
+    reference = source.load(DiffusersTransformer, torch.float32).eval()
+    for prompt in ("pos", "neg"):
+        kwargs = kwargs_for(inputs, "unpadded", prompt)
+        torch.testing.assert_close(run(model, kwargs, mode=mode), run(reference, kwargs), rtol=0, atol=1e-6)
+
+
+def test_legacy_text_rope_restores_pos_embed_after_error(source, inputs):
+    model = source.load(DiffusersTransformer, torch.float32).eval()
+    kwargs = kwargs_for(inputs, "right")
+    with pytest.raises(RuntimeError), legacy_text_rope(model, 37, "native"):
+        run(model, kwargs)
+    assert "forward" not in vars(model.pos_embed)
+    assert torch.isfinite(run(model, kwargs)).all()
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def test_collate_layouts():
+    embeds = torch.ones(1, 3, 2)
+    right, right_mask = cli.collate(embeds, 5, "right")
+    left, left_mask = cli.collate(embeds, 5, "left")
+    assert right_mask.tolist() == [[1, 1, 1, 0, 0]] and left_mask.tolist() == [[0, 0, 1, 1, 1]]
+    assert right[0, :, 0].tolist() == [1, 1, 1, 0, 0] and left[0, :, 0].tolist() == [0, 0, 1, 1, 1]
+    unpadded, mask = cli.collate(embeds, 5, "unpadded")
+    assert unpadded is embeds and mask.tolist() == [[1, 1, 1]]
+    with pytest.raises(ValueError, match="width must be"):
+        cli.collate(embeds, 2, "right")
+
+
+def table_row(out: str, name: str) -> str:
+    """The table line of implementation ``name``."""
+    return next(line for line in out.splitlines() if line.startswith(name + " "))
+
+
+def test_check_default_passes_and_shows_legacy_failures(capsys):
+    assert cli.main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert table_row(out, "ours").endswith("OK")
+    assert "ERROR: The size of tensor a (256)" in table_row(out, "legacy-native")
+    assert table_row(out, "legacy-kernel").endswith("DIVERGES")
+    assert "verdict: PASS" in out
+
+
+def test_check_fails_when_ours_differs(monkeypatch, capsys):
+    class Shifted(QwenImageTransformer2DModel):
+        def forward(self, *args, **kwargs):
+            (sample,) = super().forward(*args, **kwargs)
+            return (sample + 1e-3,)
+
+    monkeypatch.setattr(cli, "QwenImageTransformer2DModel", Shifted)
+    assert cli.main(["check", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert table_row(out, "ours").endswith("DIVERGES")
+    assert "verdict: FAIL" in out
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "transformer-dir"])
+def test_check_model_on_saved_checkpoint(tmp_path, capsys, layout):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        DiffusersTransformer(**cli.TINY_CONFIG).save_pretrained(tmp_path / "transformer")
+    path = tmp_path if layout == "pipeline" else tmp_path / "transformer"
+    assert cli.main(["check", "--model", str(path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 on cpu" in out and "latent grid (1, 32, 32)" in out
+    assert "x diffusers' own bf16 error vs diffusers fp32" in out
+    assert table_row(out, "ours").endswith("OK")
+
+
+def test_check_model_rejects_a_directory_without_config(tmp_path, capsys):
+    assert cli.main(["check", "--model", str(tmp_path)]) == 2
+    assert "--model: expected a diffusers checkpoint directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_bench_loads_the_transformer_benchmark():
+    assert callable(cli.load_benchmark("transformer").main)
+
+
+def test_bench_says_how_when_a_script_is_missing(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path)
+    assert cli.main(["bench", "transformer"]) == 2
+    assert "run `python benchmarks/bench_transformer.py` there" in capsys.readouterr().err
