@@ -430,6 +430,10 @@ class QwenImageTransformer2DModel(
                 f"got shape {tuple(timestep.shape)}"
             )
         samples = normalize_img_shapes(img_shapes)
+        if len(samples) not in (1, batch_size):
+            raise ValueError(
+                f"`img_shapes` must list the image shapes of 1 or batch={batch_size} samples, got {len(samples)}"
+            )
         for i, sample in enumerate(samples):
             tokens = sum(math.prod(fhw) for fhw in sample)
             if tokens != image_tokens:

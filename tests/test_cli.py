@@ -62,11 +62,18 @@ def test_legacy_txt_freqs_native_truncates_kernel_pads_with_identity():
     assert torch.equal(padded[2:], torch.ones(4, 3, dtype=table.dtype))
 
 
-@pytest.mark.parametrize("cls", MODEL_CLASSES, ids=["diffusers", "ours"])
-def test_legacy_native_raises_on_padded_prompt(source, inputs, cls):
+@pytest.mark.parametrize(
+    ("cls", "errors"),
+    # diffusers' eager rotary multiply fails to broadcast, as vllm-omni's native path did; ours
+    # checks the table's shape before its kernel runs and raises a ValueError instead.
+    [(DiffusersTransformer, RuntimeError), (QwenImageTransformer2DModel, (RuntimeError, ValueError))],
+    ids=["diffusers", "ours"],
+)
+def test_legacy_native_raises_on_padded_prompt(source, inputs, cls, errors):
     model = source.load(cls, torch.float32).eval()
-    with pytest.raises(RuntimeError):
-        run(model, kwargs_for(inputs, "right"), mode="native")
+    for layout in ("right", "left"):
+        with pytest.raises(errors):
+            run(model, kwargs_for(inputs, layout), mode="native")
 
 
 @pytest.mark.parametrize("cls", MODEL_CLASSES, ids=["diffusers", "ours"])
@@ -131,16 +138,27 @@ def test_check_default_passes_and_shows_legacy_failures(capsys):
     assert "verdict: PASS" in out
 
 
-def test_check_fails_when_ours_differs(monkeypatch, capsys):
-    class Shifted(QwenImageTransformer2DModel):
-        def forward(self, *args, **kwargs):
-            (sample,) = super().forward(*args, **kwargs)
-            return (sample + 1e-3,)
+class Shifted(QwenImageTransformer2DModel):
+    """Ours with every output moved by 1e-3: must fail the check."""
 
-    monkeypatch.setattr(cli, "QwenImageTransformer2DModel", Shifted)
+    def forward(self, *args, **kwargs):
+        (sample,) = super().forward(*args, **kwargs)
+        return (sample + 1e-3,)
+
+
+class Broken(QwenImageTransformer2DModel):
+    """Ours raising on every call: must fail the check with the message in the table."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+
+@pytest.mark.parametrize(("cls", "status"), [(Shifted, "DIVERGES"), (Broken, "ERROR: broken on purpose")])
+def test_check_fails_when_ours_differs_or_raises(monkeypatch, capsys, cls, status):
+    monkeypatch.setattr(cli, "QwenImageTransformer2DModel", cls)
     assert cli.main(["check", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
-    assert table_row(out, "ours").endswith("DIVERGES")
+    assert table_row(out, "ours").endswith(status)
     assert "verdict: FAIL" in out
 
 
@@ -157,9 +175,11 @@ def test_check_model_on_saved_checkpoint(tmp_path, capsys, layout):
     assert table_row(out, "ours").endswith("OK")
 
 
-def test_check_model_rejects_a_directory_without_config(tmp_path, capsys):
+def test_check_rejects_bad_model_and_device(tmp_path, capsys):
     assert cli.main(["check", "--model", str(tmp_path)]) == 2
     assert "--model: expected a diffusers checkpoint directory" in capsys.readouterr().err
+    assert cli.main(["check", "--device", "banana"]) == 2
+    assert "--device: expected a torch device" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bench
@@ -173,3 +193,11 @@ def test_bench_says_how_when_a_script_is_missing(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path)
     assert cli.main(["bench", "transformer"]) == 2
     assert "run `python benchmarks/bench_transformer.py` there" in capsys.readouterr().err
+
+
+def test_bench_passes_its_arguments_to_the_script(monkeypatch, tmp_path, capsys):
+    (tmp_path / "bench_transformer.py").write_text("def main(argv=None):\n    print('argv', argv)\n    return 0\n")
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path)
+    assert cli.main(["bench", "transformer", "--layers", "1"]) == 0
+    assert "argv ['--layers', '1']" in capsys.readouterr().out
+    assert cli.main(["bench", "all", "--layers", "1"]) == 2

@@ -225,6 +225,7 @@ def test_txt_seq_lens_accepted_ignored_and_warned_once(pair, monkeypatch):
         (lambda i: i.update(encoder_hidden_states_mask=torch.ones(7)), r"encoder_hidden_states_mask.*\(7,\)"),
         (lambda i: i.update(img_shapes=[[(1, 4, 5)]] * 2), r"img_shapes.*20 image tokens.*24"),
         (lambda i: i.update(img_shapes=None), r"img_shapes.*required"),
+        (lambda i: i.update(img_shapes=[[(1, 4, 6)]] * 3), r"img_shapes.*1 or batch=2.*got 3"),
         (lambda i: i.update(encoder_hidden_states=torch.randn(2, 7, 25)), r"joint_attention_dim=24.*\(2, 7, 25\)"),
         (lambda i: i.update(timestep=torch.rand(3)), r"timestep.*1 or batch=2.*\(3,\)"),
         (lambda i: i.update(hidden_states=torch.randn(2, 24, 15)), r"in_channels=16.*\(2, 24, 15\)"),

@@ -1,1 +1,144 @@
-"""Fused q/k RMSNorm + RoPE + joint ``[text, image]`` concatenation (placeholder, being written)."""
+"""Fused q/k RMSNorm + RoPE + joint ``[text, image]`` concatenation.
+
+``joint_qk_norm_rope`` replaces this part of diffusers' ``QwenDoubleStreamAttnProcessor2_0``::
+
+    img_q, img_k, txt_q, txt_k = norm_q(img_q), norm_k(img_k), norm_added_q(txt_q), norm_added_k(txt_k)
+    img_q, img_k = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False), ...  (and txt_q, txt_k with txt_freqs)
+    joint_q, joint_k = torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .torch_ops import joint_qk_norm_rope_torch
+
+__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "joint_qk_norm_rope"]
+
+BACKEND_ENV_VAR = "QWEN_IMAGE_OMNI_QK_BACKEND"
+BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _resolve_backend(backend: str) -> str:
+    """Concrete backend for ``backend``; ``$QWEN_IMAGE_OMNI_QK_BACKEND`` decides what "auto" means."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get(BACKEND_ENV_VAR, "auto")
+        if forced not in BACKENDS:
+            raise ValueError(f"${BACKEND_ENV_VAR}: expected one of {BACKENDS}, got {forced!r}")
+        backend = forced
+    if backend == "auto":
+        return "torch"  # the Triton backend will be picked here for CUDA inputs once it exists
+    if backend == "triton":
+        raise NotImplementedError("joint_qk_norm_rope: the Triton backend is not available yet; use backend='torch'")
+    return backend
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_activation(name: str, t: object, seq_name: str) -> Tensor:
+    t = _check_tensor(name, t)
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor [B, {seq_name}, H, D], got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+    return t
+
+
+def _validate(img_q, img_k, txt_q, txt_k, weights: dict, img_freqs, txt_freqs) -> None:
+    """Shape, dtype and device checks only (no syncs, no data-dependent branches)."""
+    acts = {
+        "img_q": _check_activation("img_q", img_q, "S_img"),
+        "img_k": _check_activation("img_k", img_k, "S_img"),
+        "txt_q": _check_activation("txt_q", txt_q, "S_txt"),
+        "txt_k": _check_activation("txt_k", txt_k, "S_txt"),
+    }
+    batch, s_img, heads, head_dim = img_q.shape
+    s_txt = txt_q.shape[1]
+    if head_dim % 2:
+        raise ValueError(f"img_q: head dim D must be even for RoPE, got D={head_dim}")
+    for name, t in acts.items():
+        seq = s_img if name.startswith("img") else s_txt
+        expected = (batch, seq, heads, head_dim)
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name}: expected shape [B, S, H, D] = {list(expected)} "
+                f"(B, H, D from img_q, S from {name[:3]}_q), got {list(t.shape)}"
+            )
+    for name, (freqs, seq) in {"img_freqs": (img_freqs, s_img), "txt_freqs": (txt_freqs, s_txt)}.items():
+        freqs = _check_tensor(name, freqs)
+        if freqs.dtype != torch.complex64:
+            raise ValueError(f"{name}: expected dtype complex64, got {freqs.dtype}")
+        if tuple(freqs.shape) != (seq, head_dim // 2):
+            raise ValueError(f"{name}: expected shape [S, D/2] = {[seq, head_dim // 2]}, got {list(freqs.shape)}")
+    for name, w in weights.items():
+        if w is None:
+            continue
+        w = _check_tensor(name, w)
+        if tuple(w.shape) != (head_dim,):
+            raise ValueError(f"{name}: expected shape [D] = [{head_dim}] or None, got {list(w.shape)}")
+        if w.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {w.dtype}")
+    tensors = {**acts, "img_freqs": img_freqs, "txt_freqs": txt_freqs, **weights}
+    for name, t in tensors.items():
+        if t is not None and t.device != img_q.device:
+            raise ValueError(f"{name}: expected device {img_q.device} (the device of img_q), got {t.device}")
+
+
+def joint_qk_norm_rope(
+    img_q: Tensor,
+    img_k: Tensor,
+    txt_q: Tensor,
+    txt_k: Tensor,
+    *,
+    img_q_weight: Tensor | None,
+    img_k_weight: Tensor | None,
+    txt_q_weight: Tensor | None,
+    txt_k_weight: Tensor | None,
+    img_freqs: Tensor,
+    txt_freqs: Tensor,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm q/k per head, rotate them with the Qwen-Image RoPE tables, and join ``[text, image]``.
+
+    Args:
+        img_q, img_k: ``[B, S_img, H, D]`` (any strides, e.g. ``unflatten`` of a linear output).
+        txt_q, txt_k: ``[B, S_txt, H, D]``.
+        img_q_weight, img_k_weight, txt_q_weight, txt_k_weight: RMSNorm weights ``[D]``, or None
+            for no norm on that tensor (RoPE still applies), like diffusers' ``if attn.norm_q is not None``.
+        img_freqs, txt_freqs: complex64 ``[S_img, D/2]`` / ``[S_txt, D/2]`` from the Qwen-Image RoPE module.
+        eps: RMSNorm epsilon.
+        backend: "auto", "torch" or "triton". "auto" follows ``$QWEN_IMAGE_OMNI_QK_BACKEND`` when set,
+            else picks the best available (currently "torch"); an explicit name always wins.
+
+    Returns:
+        ``(joint_q, joint_k)``, each ``[B, S_txt + S_img, H, D]`` with the text tokens first, in the
+        dtype diffusers' RMSNorm -> ``apply_rotary_emb_qwen`` -> ``torch.cat`` sequence gives
+        (e.g. bf16 for bf16 inputs with bf16 weights, fp32 for bf16 inputs with fp32 weights).
+        Differentiable with respect to the inputs and the weights.
+
+    Raises:
+        ValueError: bad shapes, dtypes, devices or backend name. NotImplementedError: "triton".
+    """
+    weights = {
+        "img_q_weight": img_q_weight,
+        "img_k_weight": img_k_weight,
+        "txt_q_weight": txt_q_weight,
+        "txt_k_weight": txt_k_weight,
+    }
+    _validate(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs)
+    resolved = _resolve_backend(backend)
+    assert resolved == "torch"  # the Triton backend's branch goes here
+    return joint_qk_norm_rope_torch(
+        img_q, img_k, txt_q, txt_k, **weights, img_freqs=img_freqs, txt_freqs=txt_freqs, eps=eps
+    )
