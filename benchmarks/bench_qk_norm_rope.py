@@ -1,11 +1,20 @@
-"""Forward-only timing: diffusers' q/k RMSNorm + RoPE + cat vs ``joint_qk_norm_rope``.
+"""Timing of the q/k RMSNorm + RoPE + ``[text, image]`` concat: diffusers' sequence vs ``joint_qk_norm_rope``.
 
 The diffusers side is exactly what ``QwenDoubleStreamAttnProcessor2_0`` does to q and k:
 2 x RMSNorm per stream, 4 x ``apply_rotary_emb_qwen(use_real=False)`` and 2 x ``torch.cat``.
-Runs on CPU, and on CUDA too when a GPU is present. The candidates are timed in turns (one call
-each per round) so that load from other processes hits them alike; the table shows medians.
 
-    python benchmarks/bench_qk_norm_rope.py --dtype both --txt 512 --img 4096 --repeats 15
+Two tables:
+
+* CPU (always): diffusers' sequence vs our torch backend, forward, at one text width. The two are
+  timed in turns (one call each per round) so that load from other processes hits them alike.
+* Full (on CUDA, or anywhere with ``--full``): rows diffusers eager, our torch backend,
+  ``torch.compile`` of the diffusers sequence and our Triton kernel; forward and forward+backward;
+  for each text width of ``--full-txt``. Columns: microseconds (``triton.testing.do_bench``, which
+  flushes the L2 cache before every call), the bytes the op must move divided by that time, and
+  that as a share of the device's peak HBM bandwidth.
+
+    python benchmarks/bench_qk_norm_rope.py                      # CPU table (+ full table on CUDA)
+    python benchmarks/bench_qk_norm_rope.py --full-txt 512 1024  # the widths of the full table
 """
 
 from __future__ import annotations
@@ -22,21 +31,30 @@ from qwen_image_omni.kernels import joint_qk_norm_rope
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NAMES = ("img_q", "img_k", "txt_q", "txt_k")
+# Peak HBM bandwidth in GB/s by device-name substring, most specific first (vendor data sheets).
+PEAK_HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0), ("B200", 8000.0))
 
 
-def make_case(args, dtype: torch.dtype, device: str) -> dict:
-    """Activations as the processor has them (linear outputs viewed as heads), RMSNorms and tables."""
+def make_case(args, dtype: torch.dtype, device: str, txt: int | None = None, requires_grad: bool = False) -> dict:
+    """Activations as the processor has them (linear outputs viewed as heads), RMSNorms and tables.
+
+    With ``requires_grad`` the linear outputs are leaves that need a gradient, and so are the norm weights.
+    """
+    txt = args.txt if txt is None else txt
     gen = torch.Generator().manual_seed(0)
     heads, head_dim = args.heads, args.head_dim
     case = {}
     for name in NAMES:
-        seq = args.img if name.startswith("img") else args.txt
-        x = torch.randn(args.batch, seq, heads * head_dim, generator=gen)
-        case[name] = x.to(device=device, dtype=dtype).unflatten(-1, (heads, head_dim))
+        seq = args.img if name.startswith("img") else txt
+        x = torch.randn(args.batch, seq, heads * head_dim, generator=gen).to(device=device, dtype=dtype)
+        x.requires_grad_(requires_grad)
+        case[f"{name}_flat"] = x
+        case[name] = x.unflatten(-1, (heads, head_dim))
         norm = RMSNorm(head_dim, eps=1e-6).to(device=device, dtype=dtype)
         norm.weight.data.copy_(torch.rand(head_dim, generator=gen) + 0.5)
+        norm.weight.requires_grad_(requires_grad)
         case[f"{name}_norm"] = norm
-    for stream, seq in (("img", args.img), ("txt", args.txt)):
+    for stream, seq in (("img", args.img), ("txt", txt)):
         angles = torch.rand(seq, head_dim // 2, generator=gen) * 100
         case[f"{stream}_freqs"] = torch.polar(torch.ones_like(angles), angles).to(device)
     return case
@@ -46,21 +64,33 @@ def diffusers_sequence(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """What diffusers' attention processor does to q and k."""
     out = {}
     for name in NAMES:
-        x = case[f"{name}_norm"](case[name])
+        x = case[f"{name}_norm"](case[f"{name}_flat"].unflatten(-1, case[name].shape[-2:]))
         out[name] = apply_rotary_emb_qwen(x, case[f"{name[:3]}_freqs"], use_real=False)
     return torch.cat([out["txt_q"], out["img_q"]], dim=1), torch.cat([out["txt_k"], out["img_k"]], dim=1)
 
 
-def torch_backend(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``joint_qk_norm_rope`` with the eager torch backend."""
-    weights = {f"{name}_weight": case[f"{name}_norm"].weight for name in NAMES}
-    return joint_qk_norm_rope(
-        *(case[name] for name in NAMES),
-        **weights,
-        img_freqs=case["img_freqs"],
-        txt_freqs=case["txt_freqs"],
-        backend="torch",
-    )
+def ours(backend: str):
+    """``joint_qk_norm_rope`` with one backend, as a function of a case."""
+
+    def run(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = {f"{name}_weight": case[f"{name}_norm"].weight for name in NAMES}
+        activations = (case[f"{name}_flat"].unflatten(-1, case[name].shape[-2:]) for name in NAMES)
+        return joint_qk_norm_rope(
+            *activations, **weights, img_freqs=case["img_freqs"], txt_freqs=case["txt_freqs"], backend=backend
+        )
+
+    return run
+
+
+def bytes_moved(args, dtype: torch.dtype, txt: int, backward: bool) -> int:
+    """Bytes the op must move at least: q and k of both streams read once, joint q and k written once,
+    the fp32 table read once; the backward reads the joint gradients, q and k and the table again and
+    writes the input gradients (weights and the saved fp32 rstd are a rounding error and not counted)."""
+    tokens = args.batch * (args.img + txt)
+    tensor = tokens * args.heads * args.head_dim * torch.finfo(dtype).bits // 8
+    table = (args.img + txt) * args.head_dim * 4
+    forward = 4 * tensor + table
+    return forward + (6 * tensor + table if backward else 0)
 
 
 def time_in_turns(fns: dict, case: dict, device: str, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -80,49 +110,136 @@ def time_in_turns(fns: dict, case: dict, device: str, repeats: int, warmup: int)
     return times
 
 
-def bit_exact_fraction(case: dict) -> float:
-    """Share of output elements equal bit for bit to diffusers' (q and k together)."""
-    expected, got = diffusers_sequence(case), torch_backend(case)
+def bit_exact_fraction(expected, got) -> float:
+    """Share of output elements equal bit for bit (q and k together)."""
     equal = sum((e == g).sum().item() for e, g in zip(expected, got))
     return equal / sum(e.numel() for e in expected)
 
 
-def main() -> None:
+def cpu_table(args, dtypes: list[str]) -> None:
+    """Forward: diffusers' sequence vs our torch backend on the CPU."""
+    candidates = {"diffusers": diffusers_sequence, "torch": ours("torch")}
+    print(
+        f"CPU: B={args.batch} S_txt={args.txt} S_img={args.img} H={args.heads} D={args.head_dim}, "
+        f"forward only, median (min) of {args.repeats}, threads={torch.get_num_threads()}"
+    )
+    header = f"{'dtype':<6}{'diffusers ms':>20}{'torch ms':>20}{'speed-up':>10}{'bit-exact':>11}"
+    print(header)
+    print("-" * len(header))
+    with torch.inference_mode():
+        for dtype_name in dtypes:
+            case = make_case(args, DTYPES[dtype_name], "cpu")
+            exact = bit_exact_fraction(diffusers_sequence(case), ours("torch")(case))
+            times = time_in_turns(candidates, case, "cpu", args.repeats, args.warmup)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            low = {name: min(t) for name, t in times.items()}
+            cells = "".join(f"{f'{med[n]:.1f} ({low[n]:.1f})':>20}" for n in candidates)
+            print(f"{dtype_name:<6}{cells}{med['diffusers'] / med['torch']:>9.2f}x{exact:>11.6f}")
+
+
+def peak_gbps(device: str, override: float | None) -> float | None:
+    """The device's peak HBM bandwidth: ``--peak-gbps``, else looked up by the CUDA device name."""
+    if override or device != "cuda":
+        return override
+    name = torch.cuda.get_device_name()
+    return next((gbps for key, gbps in PEAK_HBM_GBPS if key in name), None)
+
+
+def microseconds(fn, device: str, repeats: int) -> float:
+    """Mean time of ``fn()`` in µs: ``do_bench`` (cold L2) on CUDA, wall clock elsewhere."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn) * 1e3
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def step(fn, case: dict, backward: bool):
+    """A no-argument callable running ``fn`` on ``case``: forward only, or forward and backward."""
+    if not backward:
+
+        def forward_only():
+            with torch.no_grad():
+                fn(case)
+
+        return forward_only
+    leaves = [case[f"{n}_flat"] for n in NAMES] + [case[f"{n}_norm"].weight for n in NAMES]
+
+    def forward_backward():
+        joint_q, joint_k = fn(case)
+        torch.autograd.backward((joint_q, joint_k), (torch.ones_like(joint_q), torch.ones_like(joint_k)))
+        for leaf in leaves:
+            leaf.grad = None
+
+    return forward_backward
+
+
+def full_table(args, dtype_name: str, device: str) -> None:
+    """µs, GB/s and % of peak HBM for every implementation, forward and forward+backward."""
+    dtype = DTYPES[dtype_name]
+    peak = peak_gbps(device, args.peak_gbps)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(
+        f"\n{device_name}: B={args.batch} S_img={args.img} H={args.heads} D={args.head_dim} {dtype_name}; "
+        f"peak HBM {f'{peak:.0f} GB/s' if peak else 'unknown (--peak-gbps)'}"
+    )
+    candidates = {
+        "diffusers eager": diffusers_sequence,
+        "ours torch": ours("torch"),
+        "torch.compile(diffusers)": torch.compile(diffusers_sequence),
+        "ours triton": ours("triton"),
+    }
+    header = f"{'S_txt':>6}  {'pass':<8}{'implementation':<26}{'µs':>10}{'GB/s':>10}{'% peak':>8}"
+    print(header)
+    print("-" * len(header))
+    for txt in args.full_txt:
+        for backward in (False, True):
+            case = make_case(args, dtype, device, txt=txt, requires_grad=backward)
+            moved = bytes_moved(args, dtype, txt, backward)
+            for name, fn in candidates.items():
+                us = microseconds(step(fn, case, backward), device, args.repeats)
+                gbps = moved / us / 1e3
+                share = f"{100 * gbps / peak:.0f}" if peak else "-"
+                print(f"{txt:>6}  {'fwd+bwd' if backward else 'fwd':<8}{name:<26}{us:>10.1f}{gbps:>10.0f}{share:>8}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
-    parser.add_argument("--txt", type=int, default=512, help="text tokens")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both", help="CPU table dtypes")
+    parser.add_argument("--txt", type=int, default=512, help="text tokens of the CPU table")
     parser.add_argument("--img", type=int, default=4096, help="image tokens")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=24)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per candidate (median reported)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per candidate on CPU")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args()
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU table")
+    parser.add_argument("--full", action="store_true", help="print the full table on this device even without CUDA")
+    parser.add_argument("--full-txt", type=int, nargs="+", default=[512, 1024], help="text widths of the full table")
+    parser.add_argument("--full-dtype", choices=list(DTYPES), default="bf16", help="dtype of the full table")
+    parser.add_argument("--peak-gbps", type=float, default=None, help="peak HBM bandwidth (default: by GPU name)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    """Print the CPU table, and the full table on CUDA (or with ``--full``)."""
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    candidates = {"diffusers": diffusers_sequence, "torch": torch_backend}
-
-    print(
-        f"B={args.batch} S_txt={args.txt} S_img={args.img} H={args.heads} D={args.head_dim}, "
-        f"forward only, median (min) of {args.repeats}, CPU threads={torch.get_num_threads()}"
-    )
-    header = f"{'device':<7}{'dtype':<6}{'diffusers ms':>20}{'torch ms':>20}{'speed-up':>10}{'bit-exact':>11}"
-    print(header)
-    print("-" * len(header))
-    with torch.inference_mode():
-        for device in devices:
-            for dtype_name in dtypes:
-                case = make_case(args, DTYPES[dtype_name], device)
-                exact = bit_exact_fraction(case)
-                times = time_in_turns(candidates, case, device, args.repeats, args.warmup)
-                med = {name: statistics.median(t) for name, t in times.items()}
-                low = {name: min(t) for name, t in times.items()}
-                cells = "".join(f"{f'{med[n]:.1f} ({low[n]:.1f})':>20}" for n in candidates)
-                print(f"{device:<7}{dtype_name:<6}{cells}{med['diffusers'] / med['torch']:>9.2f}x{exact:>11.6f}")
+    if not args.no_cpu:
+        cpu_table(args, list(DTYPES) if args.dtype == "both" else [args.dtype])
+    if torch.cuda.is_available():
+        full_table(args, args.full_dtype, "cuda")
+    elif args.full:
+        full_table(args, args.full_dtype, "cpu")
+    else:
+        print("\nno CUDA device: the full table (Triton, torch.compile, GB/s, % of peak) runs on a GPU")
 
 
 if __name__ == "__main__":

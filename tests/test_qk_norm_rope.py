@@ -328,20 +328,37 @@ def test_backend_names(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     inputs = make_inputs(s_img=5, s_txt=2)
     expected = ours(inputs, backend="torch")
-    for got, ref in zip(ours(inputs, backend="auto"), expected):
+    for got, ref in zip(ours(inputs, backend="auto"), expected):  # CPU tensors: auto is torch
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'torch', 'triton'\), got 'cuda'"):
         ours(inputs, backend="cuda")
-    with pytest.raises(NotImplementedError, match="Triton backend is not available yet"):
+
+
+def test_forced_triton_that_cannot_run_says_why(monkeypatch):
+    inputs = make_inputs(s_img=5, s_txt=2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton': expected CUDA tensors .*, got cpu"):
         ours(inputs, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mixed = dict(inputs, img_q_weight=inputs["img_q_weight"].to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"backend='triton' does not support these inputs: .*dtype"):
+        ours(mixed, backend="triton")
 
 
 def test_backend_env_var(monkeypatch):
+    import qwen_image_omni.kernels.triton_ops as triton_ops
+
     inputs = make_inputs(s_img=5, s_txt=2)
+    calls = []
+    real = triton_ops.joint_qk_norm_rope_triton
+    monkeypatch.setattr(triton_ops, "joint_qk_norm_rope_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv(BACKEND_ENV_VAR, "triton")
-    with pytest.raises(NotImplementedError, match="Triton backend is not available yet"):
-        ours(inputs)
-    ours(inputs, backend="torch")  # an explicit backend wins over the variable
+    forced = ours(inputs)
+    assert calls == [1]
+    for got, ref in zip(forced, ours(inputs, backend="torch")):  # an explicit backend wins over the variable
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert calls == [1]
     monkeypatch.setenv(BACKEND_ENV_VAR, "torch")
     ours(inputs)
     monkeypatch.setenv(BACKEND_ENV_VAR, "fast")

@@ -284,3 +284,58 @@ def test_torch_compile_fullgraph_equals_eager(pair):
     torch._dynamo.reset()
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(run(compiled, inputs), expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the Triton backend in the model
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_triton_backend_in_the_model_equals_torch_backend(monkeypatch):
+    """Every block's q/k go through joint_qk_norm_rope: forcing Triton (interpreted on CPU) changes nothing."""
+    from qwen_image_omni.kernels import BACKEND_ENV_VAR
+
+    ours, _ = make_pair(seed=8)
+    ours = ours.to(_device())
+    inputs = {k: v.to(_device()) if torch.is_tensor(v) else v for k, v in make_inputs(valid=[7, 3]).items()}
+    monkeypatch.setenv(BACKEND_ENV_VAR, "torch")
+    expected = run(ours, inputs)
+    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")
+    torch.testing.assert_close(run(ours, inputs), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_backend_compiles_fullgraph_with_gradients(monkeypatch):
+    """The registered custom op traces without graph breaks, forward and backward."""
+    from qwen_image_omni.kernels import BACKEND_ENV_VAR
+
+    monkeypatch.setenv(BACKEND_ENV_VAR, "triton")
+    ours, _ = make_pair(seed=10)
+    ours = ours.to(_device())
+    inputs = {k: v.to(_device()) if torch.is_tensor(v) else v for k, v in make_inputs(valid=[7, 3]).items()}
+
+    def loss_and_grad(model):
+        ours.zero_grad()
+        loss = model(**inputs).sample.square().mean()
+        loss.backward()
+        return loss.detach(), ours.transformer_blocks[0].attn.norm_added_k.weight.grad.clone()
+
+    expected = loss_and_grad(ours)
+    torch._dynamo.reset()
+    got = loss_and_grad(torch.compile(ours, fullgraph=True, backend="aot_eager"))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_one_block_model_compiles_fullgraph_on_cuda_with_triton():
+    ours, _ = make_pair(seed=9, num_layers=1, num_attention_heads=24, attention_head_dim=128,
+                        axes_dims_rope=(16, 56, 56), dtype=torch.bfloat16)
+    ours = ours.cuda()
+    inputs = make_inputs(batch=1, img_shapes=((1, 16, 16),), text_width=77, valid=[40], dtype=torch.bfloat16)
+    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}
+    expected = run(ours, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    torch.testing.assert_close(run(compiled, inputs), expected, rtol=2e-2, atol=2e-2)

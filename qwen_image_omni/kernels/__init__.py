@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -21,10 +22,28 @@ __all__ = ["BACKEND_ENV_VAR", "BACKENDS", "joint_qk_norm_rope"]
 BACKEND_ENV_VAR = "QWEN_IMAGE_OMNI_QK_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# find_spec, not import: triton_ops (which defines kernels) is imported only when first used, so
+# TRITON_INTERPRET can still be set after this package is imported.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _resolve_backend(backend: str) -> str:
-    """Concrete backend for ``backend``; ``$QWEN_IMAGE_OMNI_QK_BACKEND`` decides what "auto" means."""
+def _triton_importable() -> bool:
+    """Whether the ``triton`` package is installed (it is a Linux x86_64 dependency only)."""
+    return _TRITON_INSTALLED
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors only in its interpreter (tests)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_backend(backend: str, activations: tuple, weights: tuple) -> str:
+    """Concrete backend for ``backend``.
+
+    "auto" follows ``$QWEN_IMAGE_OMNI_QK_BACKEND`` when set; otherwise it picks Triton for CUDA
+    tensors the kernel supports (when triton imports) and torch for everything else. A forced
+    "triton" that cannot run raises ``ValueError`` saying why, instead of silently falling back.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -32,10 +51,26 @@ def _resolve_backend(backend: str) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"${BACKEND_ENV_VAR}: expected one of {BACKENDS}, got {forced!r}")
         backend = forced
+    device = activations[0].device
     if backend == "auto":
-        return "torch"  # the Triton backend will be picked here for CUDA inputs once it exists
+        if device.type == "cuda" and _triton_importable():
+            from .triton_ops import triton_supports
+
+            if triton_supports(*activations, weights) is None:
+                return "triton"
+        return "torch"
     if backend == "triton":
-        raise NotImplementedError("joint_qk_norm_rope: the Triton backend is not available yet; use backend='torch'")
+        if not _triton_importable():
+            raise ValueError("backend='triton': the triton package is not installed; use backend='torch'")
+        if not _triton_runs_on(device):
+            raise ValueError(
+                f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1 for the interpreter), got {device}"
+            )
+        from .triton_ops import triton_supports
+
+        reason = triton_supports(*activations, weights)
+        if reason is not None:
+            raise ValueError(f"backend='triton' does not support these inputs: {reason}; use backend='torch'")
     return backend
 
 
@@ -119,7 +154,7 @@ def joint_qk_norm_rope(
         img_freqs, txt_freqs: complex64 ``[S_img, D/2]`` / ``[S_txt, D/2]`` from the Qwen-Image RoPE module.
         eps: RMSNorm epsilon.
         backend: "auto", "torch" or "triton". "auto" follows ``$QWEN_IMAGE_OMNI_QK_BACKEND`` when set,
-            else picks the best available (currently "torch"); an explicit name always wins.
+            else picks Triton for supported CUDA inputs and torch otherwise; an explicit name always wins.
 
     Returns:
         ``(joint_q, joint_k)``, each ``[B, S_txt + S_img, H, D]`` with the text tokens first, in the
@@ -128,7 +163,7 @@ def joint_qk_norm_rope(
         Differentiable with respect to the inputs and the weights.
 
     Raises:
-        ValueError: bad shapes, dtypes, devices or backend name. NotImplementedError: "triton".
+        ValueError: bad shapes, dtypes, devices or backend name, or a forced "triton" that cannot run.
     """
     weights = {
         "img_q_weight": img_q_weight,
@@ -137,8 +172,8 @@ def joint_qk_norm_rope(
         "txt_k_weight": txt_k_weight,
     }
     _validate(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs)
-    resolved = _resolve_backend(backend)
-    assert resolved == "torch"  # the Triton backend's branch goes here
-    return joint_qk_norm_rope_torch(
-        img_q, img_k, txt_q, txt_k, **weights, img_freqs=img_freqs, txt_freqs=txt_freqs, eps=eps
-    )
+    if _resolve_backend(backend, (img_q, img_k, txt_q, txt_k), tuple(weights.values())) == "triton":
+        from .triton_ops import joint_qk_norm_rope_triton as implementation
+    else:
+        implementation = joint_qk_norm_rope_torch
+    return implementation(img_q, img_k, txt_q, txt_k, **weights, img_freqs=img_freqs, txt_freqs=txt_freqs, eps=eps)
