@@ -1,8 +1,10 @@
-"""The ``qwen-image-omni`` command line: ``check`` and ``bench``.
+"""The ``qwen-image-omni`` command line: ``check``, ``generate`` and ``bench``.
 
 ``check`` runs our transformer, diffusers' ``QwenImageTransformer2DModel`` and the legacy vllm-omni
 emulation (:mod:`qwen_image_omni.legacy`) on the same weights and the same padded CFG prompts, and
 prints how far each is from diffusers and whether its image output depends on padding.
+``generate`` makes an image from a prompt with diffusers' Qwen-Image pipeline running our
+transformer (:mod:`qwen_image_omni.generate`).
 ``bench`` runs the benchmark scripts of a source checkout.
 """
 
@@ -478,6 +480,27 @@ def check(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+# ----------------------------------------------------------------------------- generate
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def generate(args: argparse.Namespace) -> int:
+    """``qwen-image-omni generate``: one text-to-image run, see :mod:`qwen_image_omni.generate`."""
+    # Imported here, so that check and bench never depend on diffusers' pipeline modules.
+    from .generate import run_generate
+
+    device = parse_device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    return run_generate(args, device, dtype)
+
+
 # ----------------------------------------------------------------------------- bench
 
 
@@ -546,6 +569,33 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser.add_argument("--dtype", choices=DTYPES, help="default: fp32 (tiny model), bf16 (--model)")
     check_parser.add_argument("--device", help="default: cuda when available, else cpu")
     check_parser.set_defaults(func=check)
+
+    generate_parser = commands.add_parser(
+        "generate",
+        help="text-to-image with a diffusers Qwen-Image checkpoint, running our transformer",
+        description="Text-to-image with diffusers' QwenImagePipeline on a local diffusers Qwen-Image checkpoint "
+        "(model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/), its transformer "
+        "replaced by ours. Nothing is downloaded.",
+    )
+    generate_parser.add_argument(
+        "--model", metavar="PATH", required=True, help="diffusers Qwen-Image checkpoint directory"
+    )
+    generate_parser.add_argument("--prompt", metavar="TEXT", required=True)
+    generate_parser.add_argument("--out", metavar="FILE.png", required=True, help="where to write the image")
+    generate_parser.add_argument(
+        "--negative-prompt", metavar="TEXT", help="enables true CFG (Qwen-Image's examples use ' '); default: no CFG"
+    )
+    size_help = "pixels, a multiple of 16; default: the pipeline's (1024)"
+    generate_parser.add_argument("--height", type=positive_int, help=size_help)
+    generate_parser.add_argument("--width", type=positive_int, help=size_help)
+    generate_parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default: 50)")
+    generate_parser.add_argument(
+        "--true-cfg-scale", type=float, metavar="SCALE", help="CFG scale with --negative-prompt (default: 4.0)"
+    )
+    generate_parser.add_argument("--seed", type=int, help="noise seed (default: random, printed)")
+    generate_parser.add_argument("--dtype", choices=DTYPES, help="default: bf16 on cuda, fp32 on cpu")
+    generate_parser.add_argument("--device", help="default: cuda when available, else cpu")
+    generate_parser.set_defaults(func=generate)
 
     bench_parser = commands.add_parser(
         "bench",

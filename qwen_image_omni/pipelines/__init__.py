@@ -1,0 +1,54 @@
+"""RL pipelines interface (seed 004, verl-omni's ``verl_omni.pipelines``) without ``txt_seq_lens``.
+
+A pipeline plugs one diffusion architecture into an RL training loop:
+
+- a training-side adapter, a ``DiffusionModelBase`` subclass of classmethods registered for
+  ``(architecture, algorithm)``: scheduler set-up, transformer inputs, forward + reverse step;
+- optionally a rollout-side vllm-omni pipeline class registered on ``VllmOmniPipelineBase``.
+
+``DiffusionModelConfig.architecture`` (``_class_name`` of ``model_index.json``) and
+``DiffusionModelConfig.algorithm`` select them; the helpers in ``utils`` dispatch to the adapter.
+No argument, input dict or return value carries a text sequence length: the transformer takes it
+from ``encoder_hidden_states.shape[1]``.
+
+Importing this package registers the built-in adapters.
+"""
+
+from .config import (
+    SDE_TYPES,
+    DiffusionAlgoConfig,
+    DiffusionModelConfig,
+    DiffusionPipelineConfig,
+    read_architecture,
+)
+from .model_base import DiffusionModelBase, VllmOmniPipelineBase, dotted_path
+from .utils import (
+    build_scheduler,
+    default_device,
+    forward_and_sample_previous_step,
+    prepare_model_inputs,
+    set_timesteps,
+)
+
+# --- Built-in adapters: importing a module registers its classes. ------------------------------
+# Add one import per adapter module here (e.g. `from . import qwen_image_flow_grpo`,
+# `from . import qwen_image_mix_grpo`); keep them below the names above, which they import.
+from . import sd3_dpo  # StableDiffusion3Pipeline / dpo
+
+# --- End of built-in adapters. -----------------------------------------------------------------
+
+__all__ = [
+    "SDE_TYPES",
+    "DiffusionAlgoConfig",
+    "DiffusionModelBase",
+    "DiffusionModelConfig",
+    "DiffusionPipelineConfig",
+    "VllmOmniPipelineBase",
+    "build_scheduler",
+    "default_device",
+    "dotted_path",
+    "forward_and_sample_previous_step",
+    "prepare_model_inputs",
+    "read_architecture",
+    "set_timesteps",
+]

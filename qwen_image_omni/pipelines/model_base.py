@@ -1,0 +1,256 @@
+"""Registries of the RL pipeline adapters, keyed by ``(architecture, algorithm)``.
+
+``DiffusionModelBase`` is the training-side adapter interface: a class of classmethods (never
+instantiated) that builds the scheduler, prepares the transformer's inputs and runs one forward plus
+reverse-sampling step. ``VllmOmniPipelineBase`` maps the same key to the rollout-side vllm-omni
+pipeline class. ``architecture`` is the ``_class_name`` of the model's ``model_index.json``;
+``algorithm`` is ``DiffusionModelConfig.algorithm``.
+
+Unlike verl-omni's interface (seed 004), nothing here takes or returns a text sequence length: the
+transformer reads it from ``encoder_hidden_states.shape[1]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import ModelMixin, SchedulerMixin
+
+    from .config import DiffusionModelConfig
+
+T = TypeVar("T", bound=type)
+
+Key = tuple[str, str]
+
+
+def dotted_path(cls: type) -> str:
+    """Return ``"module.QualName"``, the import path of ``cls``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_key(architecture: Any, algorithm: Any) -> Key:
+    """Validate a registry key; both parts must be non-empty strings."""
+    for name, value in (("architecture", architecture), ("algorithm", algorithm)):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{name} must be a non-empty str, got {type(value).__name__} {value!r}")
+    return architecture, algorithm
+
+
+def _add(registry: dict[Key, type], key: Key, cls: type, what: str) -> None:
+    """Register ``cls`` under ``key``.
+
+    Registering the same class again is a no-op, and so is re-registering a class with the same
+    module and qualified name (a module reload makes a new class object; the new one replaces the
+    old). Any other class already under ``key`` raises ``ValueError``.
+    """
+    existing = registry.get(key)
+    if existing is not None and existing is not cls and dotted_path(existing) != dotted_path(cls):
+        raise ValueError(
+            f"{what} {key} is already registered to {dotted_path(existing)}; cannot register {dotted_path(cls)}"
+        )
+    registry[key] = cls
+
+
+class DiffusionModelBase(ABC):
+    """Abstract base of the training-side diffusion model adapters.
+
+    Different diffusion models have very different forward / sampling logic. Subclass this ABC,
+    implement the four abstract classmethods and register the subclass for the
+    ``(architecture, algorithm)`` pair it serves::
+
+        @DiffusionModelBase.register("QwenImagePipeline", algorithm="flow_grpo")
+        class QwenImage(DiffusionModelBase):
+            ...
+
+    Adapters are classes of classmethods and are never instantiated, so ``register`` checks that
+    no abstract method is left unimplemented. A method that makes no sense for an algorithm (e.g.
+    reverse sampling for DPO) is implemented to raise ``NotImplementedError``.
+    """
+
+    _registry: ClassVar[dict[Key, type[DiffusionModelBase]]] = {}
+
+    @classmethod
+    def register(cls, architecture: str, algorithm: str) -> Callable[[T], T]:
+        """Class decorator that registers a subclass for ``(architecture, algorithm)``.
+
+        Raises:
+            TypeError: an empty or non-str key; the decorated object is not a
+                ``DiffusionModelBase`` subclass, or leaves abstract methods unimplemented.
+            ValueError: a different class is already registered under the key.
+        """
+        key = _check_key(architecture, algorithm)
+
+        def decorator(subclass: T) -> T:
+            if not (isinstance(subclass, type) and issubclass(subclass, DiffusionModelBase)):
+                raise TypeError(
+                    f"@DiffusionModelBase.register{key} expects a DiffusionModelBase subclass, got {subclass!r}"
+                )
+            if inspect.isabstract(subclass):
+                missing = sorted(subclass.__abstractmethods__)
+                raise TypeError(f"{dotted_path(subclass)} does not implement {missing}; cannot register it for {key}")
+            _add(DiffusionModelBase._registry, key, subclass, "diffusion model adapter")
+            return subclass
+
+        return decorator
+
+    @classmethod
+    def registered(cls) -> list[Key]:
+        """Return the registered ``(architecture, algorithm)`` keys, sorted."""
+        return sorted(DiffusionModelBase._registry)
+
+    @classmethod
+    def get_class(cls, model_config: DiffusionModelConfig) -> type[DiffusionModelBase]:
+        """Return the subclass registered for ``(model_config.architecture, model_config.algorithm)``.
+
+        Raises:
+            NotImplementedError: nothing is registered for that pair; the message lists what is.
+        """
+        key = (model_config.architecture, model_config.algorithm)
+        try:
+            return DiffusionModelBase._registry[key]
+        except KeyError:
+            raise NotImplementedError(
+                f"no diffusion model adapter registered for (architecture={key[0]!r}, algorithm={key[1]!r}); "
+                f"registered: {cls.registered()}. Import the module that defines it "
+                "(importing qwen_image_omni.pipelines registers the built-in adapters)."
+            ) from None
+
+    @classmethod
+    @abstractmethod
+    def build_scheduler(cls, model_config: DiffusionModelConfig) -> SchedulerMixin:
+        """Build the diffusion scheduler for this model, timesteps and sigmas already set.
+
+        Args:
+            model_config: the configuration of the diffusion model.
+        """
+
+    @classmethod
+    @abstractmethod
+    def set_timesteps(cls, scheduler: SchedulerMixin, model_config: DiffusionModelConfig, device: str | torch.device):
+        """Set timesteps and sigmas on the scheduler and move them to ``device``.
+
+        Args:
+            scheduler: the scheduler used for the diffusion process.
+            model_config: the configuration of the diffusion model.
+            device: the device to move the timesteps and sigmas to.
+        """
+
+    @classmethod
+    @abstractmethod
+    def prepare_model_inputs(
+        cls,
+        module: ModelMixin,
+        model_config: DiffusionModelConfig,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        micro_batch: Mapping[str, Any],
+        step: int,
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Build the architecture-specific keyword arguments of one transformer forward.
+
+        For reverse-trajectory algorithms ``latents`` and ``timesteps`` hold the whole rollout
+        trajectory and ``step`` selects the slice; forward-process objectives (DPO) pass an already
+        noised latent and its timestep. The caller does the universal pre-processing (common tensor
+        extraction, nested-embed unpadding) first. Prompt embeddings may be wider than their valid
+        tokens: no text length is computed or passed, the transformer takes it from the width.
+
+        Args:
+            module: the diffusion transformer.
+            model_config: the configuration of the diffusion model.
+            latents: ``(B, T, ...)`` trajectory or ``(B, ...)`` selected/noised latent.
+            timesteps: ``(B, T)`` trajectory or ``(B,)`` selected timestep.
+            prompt_embeds: ``(B, L, D)`` dense positive prompt embeddings.
+            prompt_embeds_mask: ``(B, L)`` attention mask of ``prompt_embeds``, or ``None``.
+            negative_prompt_embeds: ``(B, L', D)`` negative prompt embeddings, or ``None``.
+            negative_prompt_embeds_mask: ``(B, L')`` mask of ``negative_prompt_embeds``, or ``None``.
+            micro_batch: the whole micro-batch (a ``TensorDict`` or a dict) for architecture-specific
+                metadata (height, width, vae_scale_factor, pooled embeddings, ...).
+            step: the current denoising step index.
+
+        Returns:
+            ``(model_inputs, negative_model_inputs)``; the second is ``None`` without guidance.
+        """
+
+    @classmethod
+    @abstractmethod
+    def forward_and_sample_previous_step(
+        cls,
+        module: ModelMixin,
+        scheduler: SchedulerMixin,
+        model_config: DiffusionModelConfig,
+        model_inputs: dict[str, Any],
+        negative_model_inputs: dict[str, Any] | None,
+        scheduler_inputs: Mapping[str, torch.Tensor] | None,
+        step: int,
+    ) -> tuple:
+        """Forward the model and recompute the reverse step (FlowGRPO, DanceGRPO, ...).
+
+        Args:
+            module: the diffusion transformer.
+            scheduler: the scheduler used for the diffusion process.
+            model_config: the configuration of the diffusion model.
+            model_inputs: the transformer inputs from :meth:`prepare_model_inputs`.
+            negative_model_inputs: the negative inputs for guidance, or ``None``.
+            scheduler_inputs: extra scheduler inputs (a ``TensorDict`` or a dict), e.g. the
+                trajectory's ``all_latents`` and ``all_timesteps``.
+            step: the current step of the diffusion process.
+
+        Returns:
+            ``(log_prob, prev_sample_mean, std_dev_t, sqrt_dt)``.
+        """
+
+
+class VllmOmniPipelineBase:
+    """Registry of the rollout-side vllm-omni pipeline classes, keyed by ``(architecture, algorithm)``.
+
+    The registered classes subclass vllm-omni's pipelines, not this class::
+
+        @VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo")
+        class QwenImagePipelineWithLogProb(QwenImagePipeline):
+            ...
+    """
+
+    _registry: ClassVar[dict[Key, type]] = {}
+
+    @classmethod
+    def register(cls, architecture: str, algorithm: str) -> Callable[[T], T]:
+        """Class decorator that registers a pipeline class for ``(architecture, algorithm)``.
+
+        Raises:
+            TypeError: an empty or non-str key, or the decorated object is not a class.
+            ValueError: a different class is already registered under the key.
+        """
+        key = _check_key(architecture, algorithm)
+
+        def decorator(pipeline_cls: T) -> T:
+            if not isinstance(pipeline_cls, type):
+                raise TypeError(f"@VllmOmniPipelineBase.register{key} expects a class, got {pipeline_cls!r}")
+            _add(VllmOmniPipelineBase._registry, key, pipeline_cls, "vllm-omni pipeline")
+            return pipeline_cls
+
+        return decorator
+
+    @classmethod
+    def registered(cls) -> list[Key]:
+        """Return the registered ``(architecture, algorithm)`` keys, sorted."""
+        return sorted(VllmOmniPipelineBase._registry)
+
+    @classmethod
+    def get_class(cls, architecture: str, algorithm: str) -> type | None:
+        """Return the pipeline class registered for ``(architecture, algorithm)``, or ``None``."""
+        return VllmOmniPipelineBase._registry.get((architecture, algorithm))
+
+    @classmethod
+    def get_pipeline_path(cls, architecture: str, algorithm: str) -> str | None:
+        """Return the dotted import path ``"module.Class"`` for ``(architecture, algorithm)``, or ``None``."""
+        pipeline_cls = cls.get_class(architecture, algorithm)
+        return None if pipeline_cls is None else dotted_path(pipeline_cls)

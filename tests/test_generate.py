@@ -1,0 +1,210 @@
+"""Tests of ``qwen-image-omni generate`` on a tiny random diffusers Qwen-Image checkpoint built offline.
+
+The checkpoint is a real ``QwenImagePipeline.save_pretrained`` directory: diffusers' transformer
+class (so ``model_index.json`` names diffusers, as a released checkpoint does), a tiny
+``AutoencoderKLQwenImage``, a tiny ``Qwen2_5_VLForConditionalGeneration`` text encoder, a byte-level
+``Qwen2Tokenizer`` holding all 256 bytes and the chat special tokens, and the default scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel as DiffusersTransformer,
+)
+from PIL import Image
+from tokenizers import AddedToken
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from qwen_image_omni import QwenImageTransformer2DModel
+from qwen_image_omni.cli import main
+from qwen_image_omni.generate import load_pipeline
+
+TEXT_DIM = 32  # the text encoder's hidden size = the transformer's joint_attention_dim
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order (what ByteLevel pre-tokenizers emit)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def tiny_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen2 byte-level BPE without merges: one token per byte, so any text encodes, plus special tokens."""
+    vocab = {char: i for i, char in enumerate(byte_level_alphabet())}
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in SPECIAL_TOKENS])
+    return tokenizer
+
+
+def tiny_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
+    """1-layer Qwen2.5-VL with hidden size :data:`TEXT_DIM` and a 1-block vision tower."""
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    }
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **ids,
+            "hidden_size": TEXT_DIM,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            # head_dim 16: the multimodal RoPE sections cover its 8 frequencies.
+            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+            "rope_theta": 1e6,
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32},
+        **ids,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_pipeline() -> QwenImagePipeline:
+    """All five components, random weights from seed 0, on the CPU in fp32."""
+    torch.manual_seed(0)
+    transformer = DiffusersTransformer(
+        patch_size=2,
+        in_channels=16,  # = VAE z_dim 4 x the 2x2 latent patch
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(8, 12, 12),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # 8x spatial, as Qwen-Image: sizes are multiples of 16
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    tokenizer = tiny_tokenizer()
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=tiny_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny diffusers Qwen-Image checkpoint directory."""
+    path = tmp_path_factory.mktemp("tiny-qwen-image")
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
+def generate_argv(model, out, *extra) -> list[str]:
+    """``generate`` arguments for a 64x64, 2-step image of "a cat"."""
+    return ["generate", "--model", str(model), "--prompt", "a cat", "--out", str(out),
+            "--steps", "2", "--height", "64", "--width", "64", *extra]  # fmt: skip
+
+
+def test_tiny_template_outlives_the_dropped_prefix(checkpoint):
+    # QwenImagePipeline drops the first 34 tokens of its chat template: the prompt must survive it.
+    pipeline = QwenImagePipeline.from_pretrained(checkpoint, local_files_only=True)
+    template_tokens = len(pipeline.tokenizer(pipeline.prompt_template_encode.format("a cat")).input_ids)
+    assert template_tokens > pipeline.prompt_template_encode_start_idx + len("a cat")
+    embeds, _ = pipeline.encode_prompt("a cat", device=torch.device("cpu"))
+    assert embeds.shape[-1] == TEXT_DIM
+
+
+def test_load_pipeline_runs_our_transformer(checkpoint):
+    pipeline = load_pipeline(checkpoint, torch.float32, torch.device("cpu"))
+    assert type(pipeline.transformer) is QwenImageTransformer2DModel
+    reference = DiffusersTransformer.from_pretrained(checkpoint, subfolder="transformer", local_files_only=True)
+    ours = pipeline.transformer.state_dict()
+    assert all(torch.equal(ours[name], value) for name, value in reference.state_dict().items())
+
+
+def test_generate_writes_png(checkpoint, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(generate_argv(checkpoint, out, "--seed", "0")) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == (64, 64)
+        assert image.mode == "RGB"
+    assert f"wrote {out} (64x64, 2 steps, no CFG, seed 0)" in capsys.readouterr().out
+
+
+def test_generate_matches_diffusers_pipeline_with_cfg(checkpoint, tmp_path):
+    # CFG: the positive and negative prompts have different lengths, each run at its own width.
+    negative = "blurry, low quality"
+    out = tmp_path / "cfg.png"
+    assert main(generate_argv(checkpoint, out, "--seed", "7", "--negative-prompt", negative, "--steps", "3")) == 0
+
+    reference = QwenImagePipeline.from_pretrained(checkpoint, local_files_only=True)
+    ours = load_pipeline(checkpoint, torch.float32, torch.device("cpu"))
+
+    def run(pipeline, output_type):
+        generator = torch.Generator().manual_seed(7)
+        return pipeline(prompt="a cat", negative_prompt=negative, true_cfg_scale=4.0, height=64, width=64,
+                        num_inference_steps=3, generator=generator, output_type=output_type).images  # fmt: skip
+
+    # The final latents are far more sensitive to the transformer than the 8-bit pixels.
+    torch.testing.assert_close(run(ours, "latent"), run(reference, "latent"), rtol=0, atol=1e-5)
+    with Image.open(out) as image:
+        written = np.asarray(image, dtype=np.int16)
+    assert np.abs(written - np.asarray(run(reference, "pil")[0], dtype=np.int16)).max() <= 1
+
+
+def assert_usage_error(argv, capsys, message):
+    """``main(argv)`` exits 2 and prints ``qwen-image-omni: error: <message>...`` to stderr."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"qwen-image-omni: error: {message}")
+
+
+def test_missing_model_path(tmp_path, capsys):
+    argv = generate_argv(tmp_path / "nowhere", tmp_path / "x.png")
+    assert_usage_error(argv, capsys, "--model: ")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_model_dir_without_model_index(checkpoint, tmp_path, capsys):
+    assert_usage_error(generate_argv(tmp_path, tmp_path / "x.png"), capsys, "--model: ")
+    # A component folder is not a checkpoint either.
+    assert_usage_error(generate_argv(checkpoint / "transformer", tmp_path / "x.png"), capsys, "--model: ")
+
+
+def test_model_of_another_pipeline_class(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert_usage_error(generate_argv(tmp_path, tmp_path / "x.png"), capsys, "--model: ")
+
+
+def test_out_must_be_a_writable_png(checkpoint, tmp_path, capsys):
+    assert_usage_error(generate_argv(checkpoint, tmp_path / "x.jpg"), capsys, "--out: expected a .png")
+    assert_usage_error(generate_argv(checkpoint, tmp_path / "missing" / "x.png"), capsys, "--out: ")
+    (tmp_path / "file").write_text("")
+    assert_usage_error(generate_argv(checkpoint, tmp_path / "file" / "x.png"), capsys, "--out: ")
+    (tmp_path / "dir.png").mkdir()
+    assert_usage_error(generate_argv(checkpoint, tmp_path / "dir.png"), capsys, "--out: ")
+
+
+def test_size_must_be_a_multiple_of_16(checkpoint, tmp_path, capsys):
+    argv = generate_argv(checkpoint, tmp_path / "x.png", "--height", "72")
+    assert_usage_error(argv, capsys, "--height: must be a multiple of 16")
+
+
+def test_true_cfg_scale_needs_a_negative_prompt(checkpoint, tmp_path, capsys):
+    argv = generate_argv(checkpoint, tmp_path / "x.png", "--true-cfg-scale", "5")
+    assert_usage_error(argv, capsys, "--true-cfg-scale: ")
