@@ -13,9 +13,10 @@ class) by wrapping the model's ``pos_embed`` output for one call: it truncates t
 
 Two flavours, because the short table fails differently depending on who applies it:
 
-- ``mode="native"``: the short table is applied as is. On the eager / CPU path the rotary
+- ``mode="native"``: the short table is applied as is. On diffusers' eager path the rotary
   multiply cannot broadcast ``[max_len]`` rows against ``[width]`` positions and raises a
-  RuntimeError, as vllm-omni's native path does.
+  RuntimeError, as vllm-omni's native path does; our model's fused op rejects the short table
+  up front with a ValueError.
 - ``mode="kernel"``: fused rotary kernels read the table per position and leave positions past its
   end unrotated. Emulated by padding the table with identity rotations (``1 + 0j``) up to the
   width, so the forward runs; image outputs then differ from diffusers wherever a valid token sits
@@ -119,8 +120,9 @@ def legacy_forward(model: nn.Module, mode: str = "native", **forward_kwargs):
     """Run ``model(**forward_kwargs)`` the way legacy vllm-omni sized the text RoPE table.
 
     The legacy length is ``max(encoder_hidden_states_mask.sum(dim=1))``; everything else is the
-    model's own forward. With ``mode="native"`` a too-short table raises the model's RuntimeError
-    (it is not caught here); with ``mode="kernel"`` the forward runs.
+    model's own forward. With ``mode="native"`` a too-short table raises the model's error
+    (RuntimeError in diffusers' class, ValueError in ours; not caught here); with ``mode="kernel"``
+    the forward runs.
 
     Args:
         model: ours or diffusers' ``QwenImageTransformer2DModel`` (same forward API).

@@ -31,8 +31,9 @@ from .utils import (
 )
 
 # --- Built-in adapters: importing a module registers its classes. ------------------------------
-# Add one import per adapter module here (e.g. `from . import qwen_image_flow_grpo`,
-# `from . import qwen_image_mix_grpo`); keep them below the names above, which they import.
+# Keep them below the names above, which they import.
+from . import qwen_image_flow_grpo  # QwenImagePipeline / flow_grpo
+from . import qwen_image_mix_grpo  # QwenImagePipeline / mix_grpo
 from . import sd3_dpo  # StableDiffusion3Pipeline / dpo
 
 # --- End of built-in adapters. -----------------------------------------------------------------

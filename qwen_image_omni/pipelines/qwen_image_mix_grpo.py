@@ -1,0 +1,182 @@
+"""Qwen-Image for MixGRPO: FlowGRPO's step functions with a sliding SDE window.
+
+MixGRPO (arXiv 2507.21802) mixes ODE and SDE sampling: only a window of ``sde_window_size``
+consecutive steps is stochastic (and trained on); every other step is a deterministic Euler step.
+The per-step math is FlowGRPO's, inherited unchanged from :class:`QwenImage` and
+:class:`QwenImagePipelineWithLogProb`; what MixGRPO adds is *where* the window sits:
+
+- ``"random"``: the start is drawn uniformly from the envelope ``sde_window_range`` with
+  ``random.Random(sde_window_seed + global_steps)``, so it changes every training step but every
+  rank (every rollout worker) draws the same window for the same step;
+- ``"progressive"``: the window starts at the envelope's start and advances by
+  ``sde_window_size`` steps every ``iters_per_group`` training steps, then stays at the
+  envelope's end.
+
+All rollouts of one training step share one window, which MixGRPO's group advantages need.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from .config import DiffusionModelConfig
+from .model_base import DiffusionModelBase, VllmOmniPipelineBase
+from .qwen_image_flow_grpo import (
+    QwenImage,
+    QwenImagePipelineWithLogProb,
+    QwenImageRolloutOutput,
+    check_sde_window,
+    full_sde_window,
+)
+
+__all__ = [
+    "WINDOW_STRATEGIES",
+    "QwenImageMixGRPO",
+    "QwenImageMixGRPOPipelineWithLogProb",
+    "mix_grpo_sde_window",
+]
+
+WINDOW_STRATEGIES: tuple[str, ...] = ("random", "progressive")
+"""How MixGRPO places the SDE window: seeded random draw, or a window that slides with training."""
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def _envelope(sde_window_range: tuple[int, int], sde_window_size: int) -> tuple[int, int]:
+    """Validate ``(low, high)`` (``high`` exclusive); return the first and last possible window start."""
+    if not isinstance(sde_window_range, (tuple, list)) or len(sde_window_range) != 2:
+        raise ValueError(f"`sde_window_range` must be a (low, high) pair, got {sde_window_range!r}")
+    low = _check_int("sde_window_range[0]", sde_window_range[0], 0)
+    high = _check_int("sde_window_range[1]", sde_window_range[1], 0)
+    if high - low < sde_window_size:
+        raise ValueError(
+            f"MixGRPO window of sde_window_size={sde_window_size} steps does not fit in "
+            f"sde_window_range=({low}, {high}) ({high - low} steps)"
+        )
+    return low, high - sde_window_size
+
+
+def mix_grpo_sde_window(
+    sample_strategy: str,
+    sde_window_size: int,
+    sde_window_range: tuple[int, int],
+    global_steps: int,
+    iters_per_group: int = 1,
+    sde_window_seed: int = 0,
+) -> tuple[int, int]:
+    """The MixGRPO SDE window ``(start, start + sde_window_size)`` for training step ``global_steps``.
+
+    A pure function of its arguments: every rank computes the same window for the same step.
+
+    Args:
+        sample_strategy: ``"random"`` or ``"progressive"`` (see the module docstring).
+        sde_window_size: number of SDE steps W.
+        sde_window_range: ``(low, high)`` envelope the window lies in (``high`` exclusive).
+        global_steps: the trainer's current training step (>= 0).
+        iters_per_group: ``"progressive"``: training steps between two advances of the window.
+        sde_window_seed: ``"random"``: base seed; the draw uses ``sde_window_seed + global_steps``.
+
+    Raises:
+        ValueError: unknown strategy, a negative step, a window that does not fit the envelope.
+        TypeError: a non-int size, step, interval or seed.
+    """
+    if sample_strategy not in WINDOW_STRATEGIES:
+        raise ValueError(f"`sample_strategy` must be one of {WINDOW_STRATEGIES}, got {sample_strategy!r}")
+    size = _check_int("sde_window_size", sde_window_size, 1)
+    step = _check_int("global_steps", global_steps, 0)
+    first, last = _envelope(sde_window_range, size)
+    if sample_strategy == "random":
+        start = random.Random(_check_int("sde_window_seed", sde_window_seed, 0) + step).randint(first, last)
+    else:
+        advances = step // _check_int("iters_per_group", iters_per_group, 1)
+        start = min(first + advances * size, last)
+    return start, start + size
+
+
+@DiffusionModelBase.register("QwenImagePipeline", algorithm="mix_grpo")
+class QwenImageMixGRPO(QwenImage):
+    """Training adapter for Qwen-Image with the MixGRPO algorithm.
+
+    Scheduler, model inputs and the forward + reverse step are :class:`QwenImage`'s (the trainer
+    scores whatever window the rollout recorded in ``all_timesteps``). Adds :meth:`sde_window`, the
+    window the rollout uses at a training step, computed from ``model_config.algo``.
+    """
+
+    @classmethod
+    def sde_window(
+        cls,
+        model_config: DiffusionModelConfig,
+        global_steps: int,
+        sample_strategy: str = "random",
+        iters_per_group: int = 1,
+        sde_window_seed: int = 0,
+    ) -> tuple[int, int]:
+        """The SDE window at training step ``global_steps`` for ``model_config``.
+
+        Uses ``algo.sde_window_size`` and ``algo.sde_window_range``; with no size, the full window
+        (:func:`full_sde_window`); with no range, the envelope is the full window.
+
+        Args:
+            model_config: provides ``algo.sde_window_size``, ``algo.sde_window_range`` and
+                ``pipeline.num_inference_steps``.
+            global_steps, sample_strategy, iters_per_group, sde_window_seed: as in :func:`mix_grpo_sde_window`.
+        """
+        num_steps = model_config.pipeline.num_inference_steps
+        size = model_config.algo.sde_window_size
+        if size is None:
+            return full_sde_window(num_steps)
+        envelope = model_config.algo.sde_window_range or full_sde_window(num_steps)
+        window = mix_grpo_sde_window(sample_strategy, size, envelope, global_steps, iters_per_group, sde_window_seed)
+        return check_sde_window(window, num_steps)
+
+
+@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="mix_grpo")
+class QwenImageMixGRPOPipelineWithLogProb(QwenImagePipelineWithLogProb):
+    """Rollout pipeline for Qwen-Image with the MixGRPO algorithm.
+
+    :class:`QwenImagePipelineWithLogProb` whose SDE window is placed by
+    :func:`mix_grpo_sde_window` (same window on every rank for a training step) instead of a
+    per-call random draw. Steps run through :class:`QwenImageMixGRPO` (= :class:`QwenImage`'s functions).
+    """
+
+    training_adapter = QwenImageMixGRPO
+    algorithm = "mix_grpo"
+
+    def forward(
+        self,
+        *args: Any,
+        sde_window_size: int | None = None,
+        sde_window_range: tuple[int, int] = (0, 5),
+        sample_strategy: str = "random",
+        global_steps: int = 0,
+        iters_per_group: int = 1,
+        sde_window_seed: int = 0,
+        **kwargs: Any,
+    ) -> QwenImageRolloutOutput:
+        """End-to-end generation with the MixGRPO window; see :meth:`QwenImagePipelineWithLogProb.forward`.
+
+        Args:
+            *args: passed on to :meth:`QwenImagePipelineWithLogProb.forward`.
+            sde_window_size: number of SDE steps; None: the full window, nothing to slide.
+            sde_window_range: ``(low, high)`` envelope of the window.
+            sample_strategy: ``"random"`` or ``"progressive"``.
+            global_steps: the trainer's current training step.
+            iters_per_group: ``"progressive"``: training steps per window advance.
+            sde_window_seed: ``"random"``: base seed of the per-step draw.
+            **kwargs: passed on to :meth:`QwenImagePipelineWithLogProb.forward`.
+        """
+        if sample_strategy not in WINDOW_STRATEGIES:
+            raise ValueError(f"`sample_strategy` must be one of {WINDOW_STRATEGIES}, got {sample_strategy!r}")
+        if sde_window_size is not None:
+            # Pin the base pipeline's draw to this step's window by shrinking its envelope to it.
+            sde_window_range = mix_grpo_sde_window(
+                sample_strategy, sde_window_size, sde_window_range, global_steps, iters_per_group, sde_window_seed
+            )
+        return super().forward(*args, sde_window_size=sde_window_size, sde_window_range=sde_window_range, **kwargs)
