@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler, FlowMatchSDEDiscreteSchedulerOutput
+from qwen_image_omni.pipelines.qwen_image_flow_grpo import QWEN_IMAGE_SCHEDULER_CONFIG  # Qwen/Qwen-Image's scheduler config
 
 SDE_TYPES = ["sde", "cps", "dance_sde"]
 SHAPE = (3, 5, 4)
@@ -20,24 +21,6 @@ ETA = 0.7
 NUM_STEPS = 8
 LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 
-# Qwen/Qwen-Image scheduler/scheduler_config.json
-QWEN_IMAGE_SCHEDULER_CONFIG = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
 
 
 def qwen_image_mu(image_seq_len, config=QWEN_IMAGE_SCHEDULER_CONFIG):
