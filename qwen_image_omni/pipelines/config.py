@@ -106,7 +106,8 @@ class DiffusionAlgoConfig:
         noise_level: SDE noise magnitude ``eta`` inside the window (default 1.0).
         sde_type: reverse-step variant, one of ``"sde"``, ``"cps"``, ``"dance_sde"`` (default ``"sde"``).
         sde_window_size: number of consecutive denoising steps taken stochastically (and trained
-            on); ``None`` means every step (default).
+            on); ``None`` (default) means the adapter's full window, every step but the last (whose
+            target sigma is 0), as in verl-omni.
         sde_window_range: ``(start, end)`` step indices the window must lie in (``end`` exclusive);
             the window start is drawn from ``[start, end - sde_window_size]``. ``None`` means the whole trajectory
             (default). A list from YAML is stored as a tuple.
