@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_qk_norm_rope.py
 	$(PY) benchmarks/bench_transformer.py
+	$(PY) benchmarks/rollout_trainer_kl.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -58,7 +58,11 @@ LOW_PRECISION_FACTOR = 2.0
 PROGRESS_DELAY_S = 2.0
 
 IMPLEMENTATIONS = ("diffusers", "ours", "legacy-native", "legacy-kernel")
-BENCHMARKS = {"transformer": "bench_transformer.py", "qk-norm-rope": "bench_qk_norm_rope.py"}
+BENCHMARKS = {
+    "transformer": "bench_transformer.py",
+    "qk-norm-rope": "bench_qk_norm_rope.py",
+    "rollout-kl": "rollout_trainer_kl.py",
+}
 
 
 # ----------------------------------------------------------------------------- models
