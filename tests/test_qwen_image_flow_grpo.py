@@ -5,6 +5,7 @@ The end-to-end rollout/trainer agreement is tested in test_rollout_trainer.py.
 
 from __future__ import annotations
 
+import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -112,7 +113,11 @@ def _trajectory(batch=2, states=3):
     return latents, torch.tensor([[1000.0, 743.1313]] * batch)
 
 
-def test_registered_for_flow_grpo():
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm_omni") is not None,
+    reason="with vllm-omni installed the vllm-omni pipeline is registered (tests/test_vllm_omni.py)",
+)
+def test_diffusers_rollout_registered_for_flow_grpo_without_vllm_omni():
     assert DiffusionModelBase.get_class(model_config("sde", 1.0)) is QwenImage
     assert VllmOmniPipelineBase.get_class("QwenImagePipeline", "flow_grpo") is QwenImagePipelineWithLogProb
     assert VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "flow_grpo") == (

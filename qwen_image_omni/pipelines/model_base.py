@@ -12,7 +12,9 @@ transformer reads it from ``encoder_hidden_states.shape[1]``.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -24,6 +26,11 @@ if TYPE_CHECKING:
     from .config import DiffusionModelConfig
 
 T = TypeVar("T", bound=type)
+
+logger = logging.getLogger(__name__)
+
+VLLM_OMNI_INTEGRATION = "qwen_image_omni.integrations.vllm_omni"
+"""The module that registers the vllm-omni rollout pipelines (imported on demand when vllm-omni is installed)."""
 
 Key = tuple[str, str]
 
@@ -41,15 +48,17 @@ def _check_key(architecture: Any, algorithm: Any) -> Key:
     return architecture, algorithm
 
 
-def _add(registry: dict[Key, type], key: Key, cls: type, what: str) -> None:
+def _add(registry: dict[Key, type], key: Key, cls: type, what: str, replace: bool = False) -> None:
     """Register ``cls`` under ``key``.
 
     Registering the same class again is a no-op, and so is re-registering a class with the same
     module and qualified name (a module reload makes a new class object; the new one replaces the
-    old). Any other class already under ``key`` raises ``ValueError``.
+    old). Any other class already under ``key`` raises ``ValueError`` unless ``replace`` is set.
     """
     existing = registry.get(key)
-    if existing is not None and existing is not cls and dotted_path(existing) != dotted_path(cls):
+    if replace or existing is None:
+        pass
+    elif existing is not cls and dotted_path(existing) != dotted_path(cls):
         raise ValueError(
             f"{what} {key} is already registered to {dotted_path(existing)}; cannot register {dotted_path(cls)}"
         )
@@ -210,34 +219,63 @@ class DiffusionModelBase(ABC):
 
 
 class VllmOmniPipelineBase:
-    """Registry of the rollout-side vllm-omni pipeline classes, keyed by ``(architecture, algorithm)``.
+    """Registry of the rollout-side pipeline classes, keyed by ``(architecture, algorithm)``.
 
     The registered classes subclass vllm-omni's pipelines, not this class::
 
-        @VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo")
-        class QwenImagePipelineWithLogProb(QwenImagePipeline):
+        @VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo", replace=True)
+        class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
             ...
+
+    Without vllm-omni the built-in keys hold the diffusers rollout pipelines (they run anywhere).
+    When vllm-omni is installed, the first look-up imports ``qwen_image_omni.integrations.vllm_omni``,
+    whose vllm-omni pipelines replace them, so :meth:`get_pipeline_path` names a class vllm-omni
+    can load (``load_format="custom_pipeline"``).
     """
 
     _registry: ClassVar[dict[Key, type]] = {}
+    _integration_loaded: ClassVar[bool | None] = None  # None: not tried yet
 
     @classmethod
-    def register(cls, architecture: str, algorithm: str) -> Callable[[T], T]:
+    def register(cls, architecture: str, algorithm: str, *, replace: bool = False) -> Callable[[T], T]:
         """Class decorator that registers a pipeline class for ``(architecture, algorithm)``.
+
+        Args:
+            architecture: ``_class_name`` of the model's ``model_index.json``.
+            algorithm: ``DiffusionModelConfig.algorithm``.
+            replace: replace a different class already registered under the key (the vllm-omni
+                pipelines replace the diffusers fallbacks).
 
         Raises:
             TypeError: an empty or non-str key, or the decorated object is not a class.
-            ValueError: a different class is already registered under the key.
+            ValueError: a different class is already registered under the key and ``replace`` is False.
         """
         key = _check_key(architecture, algorithm)
 
         def decorator(pipeline_cls: T) -> T:
             if not isinstance(pipeline_cls, type):
                 raise TypeError(f"@VllmOmniPipelineBase.register{key} expects a class, got {pipeline_cls!r}")
-            _add(VllmOmniPipelineBase._registry, key, pipeline_cls, "vllm-omni pipeline")
+            _add(VllmOmniPipelineBase._registry, key, pipeline_cls, "vllm-omni pipeline", replace=replace)
             return pipeline_cls
 
         return decorator
+
+    @classmethod
+    def load_vllm_omni_integration(cls) -> bool:
+        """Import the vllm-omni integration once, if vllm-omni is installed; return whether it is loaded.
+
+        An installed but broken vllm-omni is logged and leaves the diffusers pipelines registered.
+        """
+        if VllmOmniPipelineBase._integration_loaded is None:
+            loaded = False
+            if importlib.util.find_spec("vllm_omni") is not None:
+                try:
+                    importlib.import_module(VLLM_OMNI_INTEGRATION)
+                    loaded = True
+                except ImportError:
+                    logger.exception("vllm-omni is installed but %s failed to import", VLLM_OMNI_INTEGRATION)
+            VllmOmniPipelineBase._integration_loaded = loaded
+        return VllmOmniPipelineBase._integration_loaded
 
     @classmethod
     def registered(cls) -> list[Key]:
@@ -246,7 +284,11 @@ class VllmOmniPipelineBase:
 
     @classmethod
     def get_class(cls, architecture: str, algorithm: str) -> type | None:
-        """Return the pipeline class registered for ``(architecture, algorithm)``, or ``None``."""
+        """Return the pipeline class registered for ``(architecture, algorithm)``, or ``None``.
+
+        Loads the vllm-omni integration first when vllm-omni is installed (see the class docstring).
+        """
+        cls.load_vllm_omni_integration()
         return VllmOmniPipelineBase._registry.get((architecture, algorithm))
 
     @classmethod

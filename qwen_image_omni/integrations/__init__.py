@@ -1,0 +1,5 @@
+"""Integrations with serving and training stacks, each imported only when its stack is installed.
+
+- ``qwen_image_omni.integrations.vllm_omni``: the vllm-omni plugin (entry point
+  ``vllm_omni.general_plugins``) and the vllm-omni pipelines that run our transformer.
+"""

@@ -1,0 +1,583 @@
+"""vllm-omni integration: Qwen-Image pipelines that run our transformer, and the plugin that registers them.
+
+vllm-omni loads this module through its plugin entry point (``vllm_omni.general_plugins``, see
+``pyproject.toml``); :func:`register` then points vllm-omni's diffusion registry at the pipelines
+below for ``QwenImagePipeline``, ``QwenImageEditPipeline``, ``QwenImageEditPlusPipeline`` and
+``QwenImageLayeredPipeline``. Installing qwen-image-omni beside vllm-omni is all a user does.
+
+Each pipeline is vllm-omni's own class with one change: ``self.transformer`` is our
+:class:`~qwen_image_omni.QwenImageTransformer2DModel`, built from the checkpoint's transformer
+config and loaded from the diffusers-named tensors vllm-omni streams in. Our transformer takes the
+text RoPE length from ``encoder_hidden_states.shape[1]``, so no text length is computed or passed:
+
+- ``QwenImagePipeline``: ``forward`` (request batches), the CFG ``diffuse`` loop, and the step
+  execution path (``prepare_encode`` → ``denoise_step``, continuous batching) are ours and carry no
+  length;
+- Edit, Edit-Plus and Layered keep vllm-omni's ``forward``, which still hands ``diffuse`` two
+  width-derived length lists positionally; ``diffuse`` drops them before the transformer.
+
+:class:`QwenImagePipelineWithLogProb` is the FlowGRPO rollout pipeline on vllm-omni: the same
+:class:`~qwen_image_omni.pipelines.qwen_image_flow_grpo.QwenImageRolloutMixin` loop as the diffusers
+rollout pipeline, so trainer log-probs equal rollout log-probs. It is registered on
+``VllmOmniPipelineBase`` for ``("QwenImagePipeline", "flow_grpo")``; RL frameworks load it with
+``load_format="custom_pipeline"`` and ``custom_pipeline_name=VllmOmniPipelineBase.get_pipeline_path(...)``.
+
+Importing this module needs vllm-omni; the rest of the package imports without it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+
+try:
+    from vllm_omni.diffusion import registry as omni_registry
+except ImportError as error:  # pragma: no cover - exercised only without vllm-omni
+    raise ImportError(
+        "qwen_image_omni.integrations.vllm_omni needs vllm-omni: pip install 'qwen-image-omni[vllm-omni]'"
+    ) from error
+
+from vllm_omni.diffusion.data import DiffusionOutput, OmniDiffusionConfig
+from vllm_omni.diffusion.models.qwen_image import (
+    pipeline_qwen_image,
+    pipeline_qwen_image_edit,
+    pipeline_qwen_image_edit_plus,
+    pipeline_qwen_image_layered,
+)
+from vllm_omni.diffusion.utils.size_utils import normalize_min_aligned_size
+from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch, split_diffusion_output_by_request
+
+# vllm-omni looks the process functions up by name in the module that registers a pipeline
+# (``register_diffusion_model``), so this module re-exports those of vllm-omni's own modules.
+from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image import get_qwen_image_post_process_func
+from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image_edit import (
+    get_qwen_image_edit_post_process_func,
+    get_qwen_image_edit_pre_process_func,
+)
+from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image_edit_plus import (
+    get_qwen_image_edit_plus_post_process_func,
+    get_qwen_image_edit_plus_pre_process_func,
+)
+from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image_layered import (
+    get_qwen_image_layered_pre_process_func,
+)
+
+from ..pipelines.model_base import VllmOmniPipelineBase
+from ..pipelines.qwen_image_flow_grpo import QwenImageRolloutMixin, sde_scheduler
+from ..transformer import QwenImageTransformer2DModel
+
+__all__ = [
+    "QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline",
+    "QwenImageLayeredPipeline",
+    "QwenImagePipeline",
+    "QwenImagePipelineWithLogProb",
+    "build_transformer",
+    "get_qwen_image_edit_plus_post_process_func",
+    "get_qwen_image_edit_plus_pre_process_func",
+    "get_qwen_image_edit_post_process_func",
+    "get_qwen_image_edit_pre_process_func",
+    "get_qwen_image_layered_pre_process_func",
+    "get_qwen_image_post_process_func",
+    "register",
+]
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMER_PREFIX = "transformer."
+"""Prefix of the transformer's tensors in the stream vllm-omni's loader feeds ``load_weights``."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Our transformer inside vllm-omni's pipelines.
+# --------------------------------------------------------------------------------------------------
+
+
+def build_transformer(od_config: OmniDiffusionConfig, quant_config: Any = None) -> QwenImageTransformer2DModel:
+    """Our transformer, configured from the checkpoint's ``transformer/config.json`` (``od_config.tf_model_config``).
+
+    Parameters are created in the current default dtype and device (vllm-omni's loader sets them);
+    the weights come later through the pipeline's ``load_weights``. Keys of the config that the
+    model does not take (``_class_name``, ``pooled_projection_dim``, ...) are ignored, as diffusers'
+    ``from_config`` does.
+
+    Raises:
+        ValueError: a quantization config is set; our transformer runs unquantized weights only.
+    """
+    if quant_config is not None:
+        raise ValueError(
+            "qwen-image-omni's transformer does not support vllm-omni quantization; got quantization config "
+            f"{type(quant_config).__name__}. Serve an unquantized checkpoint, or uninstall qwen-image-omni "
+            "to use vllm-omni's own Qwen-Image transformer."
+        )
+    accepted = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    config = {key: value for key, value in od_config.tf_model_config.to_dict().items() if key in accepted}
+    transformer = QwenImageTransformer2DModel(**config)
+    # vllm-omni's pipelines read these as plain attributes (diffusers only has them on `.config`).
+    transformer.in_channels = transformer.config.in_channels
+    transformer.guidance_embeds = transformer.config.guidance_embeds
+    transformer.do_true_cfg = False
+    return transformer
+
+
+class _TransformerFactory:
+    """Stands in for vllm-omni's transformer class while its pipeline constructor runs.
+
+    vllm-omni's Qwen-Image constructors call ``QwenImageTransformer2DModel(od_config=..., quant_config=...,
+    **config)`` by the name bound in their module; :func:`_constructing_with_our_transformer` binds
+    that name to this factory for the duration of the call, so vllm-omni's transformer is never built.
+    """
+
+    def __new__(cls, *, od_config: OmniDiffusionConfig, quant_config: Any = None, **_: Any) -> QwenImageTransformer2DModel:
+        return build_transformer(od_config, quant_config)
+
+
+_construction_lock = threading.Lock()
+
+
+@contextmanager
+def _constructing_with_our_transformer(module: ModuleType) -> Iterator[None]:
+    """Bind ``module.QwenImageTransformer2DModel`` to :class:`_TransformerFactory` inside the block."""
+    with _construction_lock:
+        original = module.QwenImageTransformer2DModel
+        module.QwenImageTransformer2DModel = _TransformerFactory
+        try:
+            yield
+        finally:
+            module.QwenImageTransformer2DModel = original
+
+
+class QwenImageOmniMixin:
+    """What every qwen-image-omni vllm-omni pipeline adds to vllm-omni's own class.
+
+    Put it first among the bases: ``class P(QwenImageOmniMixin, <vllm-omni pipeline>)`` and set
+    :attr:`vllm_omni_module` to the module that defines the vllm-omni pipeline.
+    """
+
+    vllm_omni_module: ClassVar[ModuleType]
+    """The vllm-omni module whose constructor builds the transformer (its name is rebound while it runs)."""
+
+    def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
+        """Build vllm-omni's pipeline with our transformer in place of vllm-omni's."""
+        with _constructing_with_our_transformer(self.vllm_omni_module):
+            super().__init__(od_config=od_config, prefix=prefix)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy the diffusers-named ``transformer.*`` tensors into our transformer.
+
+        Args:
+            weights: ``(name, tensor)`` pairs as vllm-omni's loader streams them, each name prefixed
+                with ``"transformer."`` and otherwise diffusers' state-dict key.
+
+        Returns:
+            The names loaded, prefixed as given (vllm-omni checks them against ``named_parameters``).
+
+        Raises:
+            ValueError: a name the transformer does not have, a tensor whose shape differs from the
+                parameter's, or transformer tensors missing from ``weights``; the message names them.
+        """
+        targets = dict(self.transformer.named_parameters())
+        targets.update(self.transformer.named_buffers())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            key = name.removeprefix(TRANSFORMER_PREFIX)
+            target = targets.get(key) if name.startswith(TRANSFORMER_PREFIX) else None
+            if target is None:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no counterpart in {type(self).__name__}: expected "
+                    f"'{TRANSFORMER_PREFIX}<diffusers QwenImageTransformer2DModel key>'"
+                )
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)} "
+                    "(does transformer/config.json match the weights?)"
+                )
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(dict(self.transformer.named_parameters())) - {n.removeprefix(TRANSFORMER_PREFIX) for n in loaded})
+        if missing:
+            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint is missing transformer tensors: {shown}")
+        return loaded
+
+    def _build_denoise_kwargs(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        guidance: torch.Tensor | None,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        img_shapes: list,
+        do_true_cfg: bool,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        image_latents: torch.Tensor | None = None,
+        extra_transformer_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, int | None]:
+        """Transformer keyword arguments of one denoising step: ``(positive, negative or None, output_slice)``.
+
+        vllm-omni's builder without its two text-length arguments. ``output_slice`` is the number
+        of noise tokens to keep when image latents (Edit) are appended, else None.
+        """
+        timestep = timestep.expand(latents.shape[0]).to(device=latents.device, dtype=latents.dtype) / 1000
+        hidden_states = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
+        common = {"hidden_states": hidden_states, "timestep": timestep, "guidance": guidance, "img_shapes": img_shapes}
+        extra = extra_transformer_kwargs or {}
+        positive = {**common, "encoder_hidden_states": prompt_embeds, "encoder_hidden_states_mask": prompt_embeds_mask, **extra}
+        negative = None
+        if do_true_cfg:
+            negative = {
+                **common,
+                "encoder_hidden_states": negative_prompt_embeds,
+                "encoder_hidden_states_mask": negative_prompt_embeds_mask,
+                **extra,
+            }
+        return positive, negative, None if image_latents is None else latents.shape[1]
+
+    def diffuse(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        latents: torch.Tensor,
+        img_shapes: list,
+        timesteps: torch.Tensor,
+        do_true_cfg: bool,
+        guidance: torch.Tensor | None,
+        true_cfg_scale: float,
+        image_latents: torch.Tensor | None = None,
+        cfg_normalize: bool = True,
+        additional_transformer_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """The denoising loop with optional true CFG (vllm-omni's CFG-parallel aware steps), no text length.
+
+        Args:
+            prompt_embeds: ``(B, L, D)`` prompt embeddings, any padded width.
+            prompt_embeds_mask: ``(B, L)`` their mask, or None.
+            negative_prompt_embeds: ``(B, L', D)`` negative embeddings (CFG), or None.
+            negative_prompt_embeds_mask: ``(B, L')`` their mask, or None.
+            latents: ``(B, S, C)`` packed noise.
+            img_shapes: per-sample image shapes for the transformer.
+            timesteps: the scheduler's timesteps.
+            do_true_cfg: run the negative branch and combine.
+            guidance: guidance-distillation scale ``(B,)`` or None.
+            true_cfg_scale: CFG scale.
+            image_latents: conditioning image latents appended to the noise tokens (Edit), or None.
+            cfg_normalize: rescale the CFG combination to the positive prediction's norm.
+            additional_transformer_kwargs: extra transformer keyword arguments.
+
+        Returns:
+            The denoised packed latents.
+        """
+        self.scheduler.set_begin_index(0)
+        self.transformer.do_true_cfg = do_true_cfg
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for timestep in timesteps:
+                if self.interrupt:
+                    continue
+                self._current_timestep = timestep
+                positive, negative, output_slice = self._build_denoise_kwargs(
+                    latents, timestep, guidance, prompt_embeds, prompt_embeds_mask, img_shapes, do_true_cfg,
+                    negative_prompt_embeds, negative_prompt_embeds_mask, image_latents, additional_transformer_kwargs,
+                )  # fmt: skip
+                noise_pred = self.predict_noise_maybe_with_cfg(
+                    do_true_cfg, true_cfg_scale, positive, negative, cfg_normalize, output_slice
+                )
+                latents = self.scheduler_step_maybe_with_cfg(noise_pred, timestep, latents, do_true_cfg)
+                progress.update()
+        return latents
+
+
+class _VllmOmniForwardMixin:
+    """For pipelines that keep vllm-omni's ``forward``, which passes ``diffuse`` two text-length
+    lists (positions 7 and 8); they are dropped here, before anything reaches the transformer."""
+
+    def diffuse(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        latents: torch.Tensor,
+        img_shapes: list,
+        _lengths: Any,
+        _negative_lengths: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """:meth:`QwenImageOmniMixin.diffuse`, called with vllm-omni's argument layout."""
+        return super().diffuse(
+            prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask,
+            latents, img_shapes, *args, **kwargs,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipelines.
+# --------------------------------------------------------------------------------------------------
+
+
+class QwenImagePipeline(QwenImageOmniMixin, pipeline_qwen_image.QwenImagePipeline):
+    """vllm-omni's text-to-image Qwen-Image pipeline with our transformer and no text length anywhere.
+
+    Request batches (``forward``), the CFG loop (``diffuse``) and step execution with continuous
+    batching (``prepare_encode`` → ``denoise_step`` → ``step_scheduler``) are vllm-omni's contract;
+    prompts of different lengths are right-padded to a common width and the transformer reads the
+    width, so each request's output is what it would be alone.
+    """
+
+    vllm_omni_module = pipeline_qwen_image
+
+    def _prepare_generation_context(self, **kwargs: Any) -> dict[str, Any]:
+        """vllm-omni's preparation (inputs, prompts, latents, timesteps) without text lengths.
+
+        vllm-omni's version also returns width-derived ``txt_seq_lens`` lists; they are set to
+        None here so no request state carries one into step execution.
+        """
+        context = super()._prepare_generation_context(**kwargs)
+        context["txt_seq_lens"] = context["negative_txt_seq_lens"] = None
+        return context
+
+    def request_arguments(self, req: DiffusionRequestBatch) -> dict[str, Any]:
+        """The generation arguments of a request batch, with vllm-omni's defaults.
+
+        The first request's sampling parameters apply to the batch (vllm-omni batches only
+        requests that share them); prompts, prompt embeddings, latents and generators are collated.
+        """
+        sampling = req.sampling_params_list[0]
+        height = sampling.height or self.default_sample_size * self.vae_scale_factor
+        width = sampling.width or self.default_sample_size * self.vae_scale_factor
+        height, width = normalize_min_aligned_size(height, width, self.vae_scale_factor * 2)
+        num_images_per_prompt = sampling.num_outputs_per_prompt if sampling.num_outputs_per_prompt > 0 else 1
+        prompt, negative_prompt = self._extract_prompts(req.prompts)
+        names = ("prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask")
+        embeds = DiffusionRequestBatch.collate_prompt_field_map(req.prompts, dict.fromkeys(names))
+        return {
+            "prompt": None if embeds["prompt_embeds"] is not None else prompt,
+            "negative_prompt": None if embeds["negative_prompt_embeds"] is not None else negative_prompt,
+            **embeds,
+            "height": height,
+            "width": width,
+            "num_inference_steps": sampling.num_inference_steps or 50,
+            "sigmas": sampling.sigmas,
+            "guidance_scale": sampling.guidance_scale if sampling.guidance_scale_provided else 1.0,
+            "num_images_per_prompt": num_images_per_prompt,
+            "generator": req.collate_request_generators(num_images_per_prompt, None),
+            "true_cfg_scale": sampling.true_cfg_scale or 4.0,
+            "max_sequence_length": sampling.max_sequence_length or self.tokenizer_max_length,
+            "latents": req.collate_request_tensors("latents", None),
+            "output_type": sampling.output_type or "pil",
+        }
+
+    def forward(self, req: DiffusionRequestBatch) -> list[DiffusionOutput]:
+        """Generate the images of a request batch; one ``DiffusionOutput`` per request."""
+        arguments = self.request_arguments(req)
+        output_type = arguments.pop("output_type")
+        context = self._prepare_generation_context(
+            **arguments, attention_kwargs=None, callback_on_step_end_tensor_inputs=["latents"]
+        )
+        latents = self.diffuse(
+            context["prompt_embeds"],
+            context["prompt_embeds_mask"],
+            context["negative_prompt_embeds"],
+            context["negative_prompt_embeds_mask"],
+            context["latents"],
+            context["img_shapes"],
+            context["timesteps"],
+            context["do_true_cfg"],
+            context["guidance"],
+            arguments["true_cfg_scale"],
+            cfg_normalize=True,
+            additional_transformer_kwargs={"return_dict": False, "attention_kwargs": self.attention_kwargs},
+        )
+        self._current_timestep = None
+        result = self._decode_latents(latents, arguments["height"], arguments["width"], output_type)
+        return split_diffusion_output_by_request(
+            result, req, num_outputs_per_prompt=arguments["num_images_per_prompt"]
+        )
+
+    def denoise_step(self, input_batch: Any, **kwargs: Any) -> torch.Tensor | None:
+        """One denoising step of a continuous batch (vllm-omni's ``InputBatch``), no text length."""
+        del kwargs
+        if self.interrupt:
+            return None
+        self._current_timestep = input_batch.timesteps
+        self.transformer.do_true_cfg = input_batch.do_true_cfg
+        positive, negative, output_slice = self._build_denoise_kwargs(
+            input_batch.latents,
+            input_batch.timesteps,
+            input_batch.guidance,
+            input_batch.prompt_embeds,
+            input_batch.prompt_embeds_mask,
+            input_batch.img_shapes,
+            input_batch.do_true_cfg,
+            input_batch.negative_prompt_embeds,
+            input_batch.negative_prompt_embeds_mask,
+            input_batch.image_latents,
+            {"attention_kwargs": self.attention_kwargs, "return_dict": False},
+        )
+        return self.predict_noise_maybe_with_cfg(
+            input_batch.do_true_cfg, input_batch.true_cfg_scale, positive, negative, input_batch.cfg_normalize,
+            output_slice,
+        )  # fmt: skip
+
+
+class QwenImageEditPipeline(_VllmOmniForwardMixin, QwenImageOmniMixin, pipeline_qwen_image_edit.QwenImageEditPipeline):
+    """vllm-omni's Qwen-Image-Edit pipeline with our transformer."""
+
+    vllm_omni_module = pipeline_qwen_image_edit
+
+
+class QwenImageEditPlusPipeline(
+    _VllmOmniForwardMixin, QwenImageOmniMixin, pipeline_qwen_image_edit_plus.QwenImageEditPlusPipeline
+):
+    """vllm-omni's Qwen-Image-Edit-Plus (multi-image edit) pipeline with our transformer."""
+
+    vllm_omni_module = pipeline_qwen_image_edit_plus
+
+
+class QwenImageLayeredPipeline(
+    _VllmOmniForwardMixin, QwenImageOmniMixin, pipeline_qwen_image_layered.QwenImageLayeredPipeline
+):
+    """vllm-omni's Qwen-Image-Layered pipeline with our transformer."""
+
+    vllm_omni_module = pipeline_qwen_image_layered
+
+
+# --------------------------------------------------------------------------------------------------
+# RL rollout.
+# --------------------------------------------------------------------------------------------------
+
+ROLLOUT_OPTIONS: dict[str, Any] = {
+    "noise_level": 0.7,
+    "sde_window_size": None,
+    "sde_window_range": (0, 5),
+    "sde_type": "sde",
+    "logprobs": True,
+}
+"""The rollout options read from ``sampling_params.extra_args``, with their defaults."""
+
+
+@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo", replace=True)
+class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
+    """FlowGRPO rollout on vllm-omni: images plus the SDE window's latents, log-probs and timesteps.
+
+    Runs :class:`QwenImageRolloutMixin`'s loop, the trainer's own step functions, with
+    :class:`~qwen_image_omni.pipelines.schedulers.flow_match_sde.FlowMatchSDEDiscreteScheduler`.
+    Sampling parameters come from the request as in :class:`QwenImagePipeline`; the rollout options
+    (:data:`ROLLOUT_OPTIONS`) from ``sampling_params.extra_args``. Each request's
+    ``DiffusionOutput`` carries its rows of ``trajectory_latents`` ``(n, W + 1, S, C)``,
+    ``trajectory_log_probs`` ``(n, W)`` (None without ``logprobs``) and ``trajectory_timesteps`` ``(n, W)``.
+    """
+
+    def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
+        """vllm-omni's pipeline with our transformer and the SDE scheduler."""
+        super().__init__(od_config=od_config, prefix=prefix)
+        self.scheduler = sde_scheduler(self.scheduler)
+
+    @staticmethod
+    def rollout_options(extra_args: dict[str, Any] | None) -> dict[str, Any]:
+        """:data:`ROLLOUT_OPTIONS` overridden by ``extra_args``; other keys there are ignored."""
+        extra_args = extra_args or {}
+        return {name: extra_args.get(name, default) for name, default in ROLLOUT_OPTIONS.items()}
+
+    @torch.no_grad()
+    def forward(self, req: DiffusionRequestBatch) -> list[DiffusionOutput]:
+        """Roll out a request batch; one ``DiffusionOutput`` per request with its trajectory."""
+        arguments = self.request_arguments(req)
+        options = self.rollout_options(req.sampling_params_list[0].extra_args)
+        self.check_inputs(
+            arguments["prompt"], arguments["height"], arguments["width"], arguments["negative_prompt"],
+            arguments["prompt_embeds"], arguments["negative_prompt_embeds"], arguments["prompt_embeds_mask"],
+            arguments["negative_prompt_embeds_mask"], None, arguments["max_sequence_length"],
+        )  # fmt: skip
+        self._attention_kwargs = {}
+        self._current_timestep = None
+        self._interrupt = False
+        prompt_embeds, prompt_embeds_mask = self.encode_prompt(
+            prompt=arguments["prompt"],
+            prompt_embeds=arguments["prompt_embeds"],
+            prompt_embeds_mask=arguments["prompt_embeds_mask"],
+            num_images_per_prompt=arguments["num_images_per_prompt"],
+            max_sequence_length=arguments["max_sequence_length"],
+        )
+        has_negative = arguments["negative_prompt"] is not None or arguments["negative_prompt_embeds"] is not None
+        negative_prompt_embeds = negative_prompt_embeds_mask = None
+        if has_negative and arguments["true_cfg_scale"] > 1:
+            negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt(
+                prompt=arguments["negative_prompt"],
+                prompt_embeds=arguments["negative_prompt_embeds"],
+                prompt_embeds_mask=arguments["negative_prompt_embeds_mask"],
+                num_images_per_prompt=arguments["num_images_per_prompt"],
+                max_sequence_length=arguments["max_sequence_length"],
+                prompt_name="negative_prompt",
+            )
+        latents, all_latents, all_log_probs, all_timesteps, _ = self.rollout(
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            height=arguments["height"],
+            width=arguments["width"],
+            num_inference_steps=arguments["num_inference_steps"],
+            sigmas=arguments["sigmas"],
+            guidance_scale=arguments["guidance_scale"],
+            generator=arguments["generator"],
+            latents=arguments["latents"],
+            true_cfg_scale=arguments["true_cfg_scale"],
+            **options,
+        )
+        output_type = arguments["output_type"]
+        images = self._decode_latents(latents, arguments["height"], arguments["width"], output_type).output
+        per_request = arguments["num_images_per_prompt"]
+        outputs = []
+        for index in range(req.num_reqs):
+            rows = slice(index * per_request, (index + 1) * per_request)
+            outputs.append(
+                DiffusionOutput(
+                    output=images[rows],
+                    trajectory_latents=all_latents[rows],
+                    trajectory_log_probs=None if all_log_probs is None else all_log_probs[rows],
+                    trajectory_timesteps=all_timesteps[rows],
+                )
+            )
+        return outputs
+
+
+# --------------------------------------------------------------------------------------------------
+# The plugin.
+# --------------------------------------------------------------------------------------------------
+
+PIPELINES: dict[str, dict[str, str | None]] = {
+    "QwenImagePipeline": {"post_process_func_name": "get_qwen_image_post_process_func"},
+    "QwenImageEditPipeline": {
+        "pre_process_func_name": "get_qwen_image_edit_pre_process_func",
+        "post_process_func_name": "get_qwen_image_edit_post_process_func",
+    },
+    "QwenImageEditPlusPipeline": {
+        "pre_process_func_name": "get_qwen_image_edit_plus_pre_process_func",
+        "post_process_func_name": "get_qwen_image_edit_plus_post_process_func",
+    },
+    "QwenImageLayeredPipeline": {"pre_process_func_name": "get_qwen_image_layered_pre_process_func"},
+}
+"""The architectures :func:`register` takes over (``model_index.json`` ``_class_name``), each with
+the process functions vllm-omni's own module provides, re-exported here under the same names."""
+
+
+def register() -> None:
+    """vllm-omni plugin entry point: serve the Qwen-Image architectures with this module's pipelines.
+
+    Called by ``vllm_omni.plugins.load_omni_general_plugins`` once in every vllm-omni process.
+    Idempotent: registering again rewrites the same registry entries.
+    """
+    for architecture, process_functions in PIPELINES.items():
+        omni_registry.register_diffusion_model(architecture, __name__, architecture, **process_functions)

@@ -1,0 +1,340 @@
+"""qwen-image-omni inside a real vllm-omni install (run by ``make test-vllm-omni``).
+
+The pipeline is loaded the way a vllm-omni diffusion worker loads it: the plugin entry point,
+``OmniDiffusionConfig.enrich_config`` on a tiny checkpoint directory (``tests/tiny_checkpoint.py``),
+then ``DiffusersPipelineLoader.load_model``, in a one-process gloo "distributed" world on the CPU.
+References are diffusers' own ``QwenImagePipeline`` / ``QwenImageTransformer2DModel`` on the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm_omni
+pytest.importorskip("vllm_omni", reason="needs vllm-omni (make test-vllm-omni)")
+
+from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from vllm.config import LoadConfig, set_current_vllm_config  # noqa: E402
+from vllm_omni.diffusion import registry as omni_registry  # noqa: E402
+from vllm_omni.diffusion.data import OmniDiffusionConfig  # noqa: E402
+from vllm_omni.diffusion.distributed import parallel_state  # noqa: E402
+from vllm_omni.diffusion.forward_context import set_forward_context  # noqa: E402
+from vllm_omni.diffusion.model_loader.diffusers_loader import DiffusersPipelineLoader  # noqa: E402
+from vllm_omni.diffusion.request import OmniDiffusionRequest  # noqa: E402
+from vllm_omni.diffusion.vllm_config import create_diffusion_vllm_config  # noqa: E402
+from vllm_omni.diffusion.worker.input_batch import InputBatch  # noqa: E402
+from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch  # noqa: E402
+from vllm_omni.diffusion.worker.utils import StepRequestState  # noqa: E402
+from vllm_omni.inputs.data import OmniDiffusionSamplingParams  # noqa: E402
+from vllm_omni.plugins import load_omni_general_plugins  # noqa: E402
+
+from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
+from qwen_image_omni.integrations import vllm_omni as integration  # noqa: E402
+from qwen_image_omni.pipelines import DiffusionModelConfig, VllmOmniPipelineBase  # noqa: E402
+from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImage  # noqa: E402
+
+from .tiny_checkpoint import TEXT_DIM, tiny_pipeline  # noqa: E402
+
+ARCHITECTURES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageLayeredPipeline")
+SIZE = 64  # pixels: a 4x4 grid of packed latent tokens
+IMAGE_TOKENS = 16
+WIDTH = 24  # the fixed width every prompt is padded to, wider than any valid length below
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny diffusers Qwen-Image checkpoint directory."""
+    path = tmp_path_factory.mktemp("tiny-qwen-image")
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def od_config(checkpoint) -> Iterator[OmniDiffusionConfig]:
+    """vllm-omni's config for the checkpoint, inside a one-rank gloo world and vllm-omni's forward context."""
+    load_omni_general_plugins()
+    config = OmniDiffusionConfig(model=str(checkpoint), dtype=torch.float32)
+    config.enrich_config()
+    vllm_config = create_diffusion_vllm_config(torch.device("cpu"), config)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    with set_forward_context(vllm_config=vllm_config, omni_diffusion_config=config), set_current_vllm_config(vllm_config):
+        torch.distributed.init_process_group("gloo", init_method="env://", world_size=1, rank=0)
+        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
+        parallel_state.initialize_model_parallel()
+        try:
+            yield config
+        finally:
+            parallel_state.destroy_distributed_env()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def pipeline(od_config):
+    """The pipeline vllm-omni's loader builds for the checkpoint (weights streamed through ``load_weights``)."""
+    return DiffusersPipelineLoader(LoadConfig(), od_config).load_model("cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """diffusers' own pipeline and transformer on the same checkpoint."""
+    return DiffusersQwenImagePipeline.from_pretrained(checkpoint, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_tensors(checkpoint) -> dict[str, torch.Tensor]:
+    """The transformer's tensors as stored, diffusers-named."""
+    return load_file(checkpoint / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+@contextmanager
+def transformer_calls(pipe) -> Iterator[list[dict]]:
+    """Inside: the keyword arguments of every call of ``pipe.transformer``."""
+    calls: list[dict] = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def padded_prompts(lengths, seed: int, width: int = WIDTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompt embeddings right-padded with zeros to ``width``, and their masks."""
+    generator = torch.Generator().manual_seed(seed)
+    embeds = torch.zeros(len(lengths), width, TEXT_DIM)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        embeds[row, :length] = torch.randn(length, TEXT_DIM, generator=generator)
+        mask[row, :length] = 1
+    return embeds, mask
+
+
+def request_batch(prompts: list[dict], latents: torch.Tensor, **sampling) -> DiffusionRequestBatch:
+    """One vllm-omni request per prompt dict, each with its rows of ``latents``."""
+    requests = [
+        OmniDiffusionRequest(
+            prompt=prompt,
+            sampling_params=OmniDiffusionSamplingParams(
+                height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent", latents=latents[index : index + 1],
+                **sampling,
+            ),  # fmt: skip
+            request_id=f"request-{index}",
+        )
+        for index, prompt in enumerate(prompts)
+    ]
+    return DiffusionRequestBatch(requests=requests)
+
+
+def embeds_prompts(embeds, mask, negative_embeds=None, negative_mask=None) -> list[dict]:
+    """Per-request prompt dicts carrying precomputed (padded) embeddings."""
+    prompts = []
+    for row in range(embeds.shape[0]):
+        prompt = {"prompt_embeds": embeds[row], "prompt_embeds_mask": mask[row]}
+        if negative_embeds is not None:
+            prompt |= {"negative_prompt_embeds": negative_embeds[row], "negative_prompt_embeds_mask": negative_mask[row]}
+        prompts.append(prompt)
+    return prompts
+
+
+def assert_no_text_length(calls: list[dict]) -> None:
+    assert calls, "the transformer was never called"
+    assert all("txt_seq_lens" not in kwargs for kwargs in calls)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_plugin_points_vllm_omni_registry_at_our_pipelines(od_config):
+    for architecture in ARCHITECTURES:
+        cls = omni_registry.DiffusionModelRegistry._try_load_model_cls(architecture)
+        assert cls is getattr(integration, architecture)
+        assert cls.__mro__[1:3] != () and issubclass(cls, integration.QwenImageOmniMixin)
+
+
+def test_process_functions_resolve_to_vllm_omni_own(od_config):
+    post_process = omni_registry.get_diffusion_post_process_func(od_config)
+    assert callable(post_process)
+    for table in (omni_registry._DIFFUSION_PRE_PROCESS_FUNCS, omni_registry._DIFFUSION_POST_PROCESS_FUNCS):
+        for architecture in ARCHITECTURES:
+            if architecture in table:
+                name = table[architecture]
+                upstream = getattr(getattr(integration, architecture).vllm_omni_module, name)
+                assert getattr(integration, name) is upstream
+
+
+def test_register_is_idempotent(od_config):
+    before = {arch: omni_registry._DIFFUSION_MODELS[arch] for arch in ARCHITECTURES}
+    integration.register()
+    integration.register()
+    assert {arch: omni_registry._DIFFUSION_MODELS[arch] for arch in ARCHITECTURES} == before
+    assert omni_registry.DiffusionModelRegistry._try_load_model_cls("QwenImagePipeline") is integration.QwenImagePipeline
+
+
+def test_rollout_pipeline_reachable_through_the_rl_registry():
+    path = VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "flow_grpo")
+    assert path == "qwen_image_omni.integrations.vllm_omni.QwenImagePipelineWithLogProb"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_loader_builds_our_transformer_with_the_checkpoint_weights(pipeline, checkpoint_tensors):
+    assert type(pipeline) is integration.QwenImagePipeline
+    assert type(pipeline.transformer) is QwenImageTransformer2DModel
+    state = pipeline.transformer.state_dict()
+    assert set(state) == set(checkpoint_tensors)
+    for name, tensor in checkpoint_tensors.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_load_weights_reports_every_transformer_tensor(pipeline, checkpoint_tensors):
+    loaded = pipeline.load_weights((f"transformer.{name}", tensor) for name, tensor in checkpoint_tensors.items())
+    assert loaded == {f"transformer.{name}" for name in checkpoint_tensors}
+    assert loaded == {name for name, _ in pipeline.named_parameters() if name.startswith("transformer.")}
+
+
+def test_load_weights_rejects_a_missing_tensor(pipeline, checkpoint_tensors):
+    missing = "transformer_blocks.0.attn.norm_q.weight"
+    weights = [(f"transformer.{name}", tensor) for name, tensor in checkpoint_tensors.items() if name != missing]
+    with pytest.raises(ValueError, match=rf"missing transformer tensors: {missing}"):
+        pipeline.load_weights(weights)
+
+
+def test_load_weights_rejects_a_misshaped_tensor(pipeline, checkpoint_tensors):
+    weights = [(f"transformer.{name}", tensor) for name, tensor in checkpoint_tensors.items()]
+    weights[0] = (weights[0][0], torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=rf"'{weights[0][0]}' has shape \(3, 5\), expected"):
+        pipeline.load_weights(weights)
+    pipeline.load_weights((f"transformer.{name}", tensor) for name, tensor in checkpoint_tensors.items())
+
+
+def test_load_weights_rejects_an_unknown_tensor(pipeline):
+    with pytest.raises(ValueError, match="'transformer.not_a_layer.weight' has no counterpart"):
+        pipeline.load_weights([("transformer.not_a_layer.weight", torch.zeros(1))])
+
+
+def test_quantized_transformer_is_refused(od_config):
+    with pytest.raises(ValueError, match="does not support vllm-omni quantization"):
+        integration.build_transformer(od_config, quant_config=object())
+
+
+# ----------------------------------------------------------------------------- denoising
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["no-cfg", "true-cfg"])
+def test_forward_with_fixed_width_prompts_matches_diffusers(pipeline, reference, cfg):
+    """Two requests whose embeddings are padded to one fixed width, batched by vllm-omni's collation."""
+    embeds, mask = padded_prompts((7, 13), seed=1)
+    negative_embeds, negative_mask = padded_prompts((3, 5), seed=2) if cfg else (None, None)
+    latents = torch.randn(2, IMAGE_TOKENS, 16, generator=torch.Generator().manual_seed(3))
+    batch = request_batch(embeds_prompts(embeds, mask, negative_embeds, negative_mask), latents, true_cfg_scale=4.0)
+    with transformer_calls(pipeline) as calls:
+        outputs = pipeline.forward(batch)
+
+    expected = reference(
+        prompt_embeds=embeds, prompt_embeds_mask=mask,
+        negative_prompt_embeds=negative_embeds, negative_prompt_embeds_mask=negative_mask,
+        true_cfg_scale=4.0, height=SIZE, width=SIZE, num_inference_steps=3, latents=latents, output_type="latent",
+    ).images  # fmt: skip
+    assert len(outputs) == 2
+    torch.testing.assert_close(torch.cat([output.output for output in outputs]), expected, rtol=1e-5, atol=1e-5)
+    assert_no_text_length(calls)
+    assert all(kwargs["encoder_hidden_states"].shape[1] == WIDTH for kwargs in calls)
+
+
+def test_step_execution_batch_matches_each_request_alone(pipeline):
+    """Continuous batching: two text prompts of different lengths, stepped together and alone."""
+
+    def states():
+        prompts = [{"prompt": "a cat", "negative_prompt": " "}, {"prompt": "a red bicycle by a lake", "negative_prompt": " "}]
+        made = []
+        for index, prompt in enumerate(prompts):
+            sampling = OmniDiffusionSamplingParams(
+                height=SIZE, width=SIZE, num_inference_steps=3, true_cfg_scale=4.0, output_type="latent",
+                generator=torch.Generator().manual_seed(10 + index),
+            )  # fmt: skip
+            made.append(pipeline.prepare_encode(StepRequestState(request_id=f"r{index}", sampling=sampling, prompt=prompt)))
+        return made
+
+    def run(group):
+        while not group[0].denoise_completed:
+            batch = InputBatch.make_batch(group)
+            noise_pred = pipeline.denoise_step(batch)
+            offset = 0
+            for state in group:
+                rows = state.latents.shape[0]
+                pipeline.step_scheduler(state, noise_pred[offset : offset + rows])
+                offset += rows
+        return torch.cat([state.latents for state in group])
+
+    together = states()
+    assert together[0].prompt_embeds.shape[1] != together[1].prompt_embeds.shape[1]
+    with transformer_calls(pipeline) as calls:
+        batched = run(together)
+    alone = torch.cat([run([state]) for state in states()])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+    assert_no_text_length(calls)
+    assert all(state.txt_seq_lens is None or state.txt_seq_lens == [state.prompt_embeds.shape[1]] for state in together)
+
+
+# ----------------------------------------------------------------------------- RL rollout
+
+
+@pytest.fixture(scope="module")
+def rollout_pipeline(od_config):
+    """The FlowGRPO rollout pipeline, loaded as RL frameworks load it (``load_format="custom_pipeline"``)."""
+    path = VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "flow_grpo")
+    return DiffusersPipelineLoader(LoadConfig(), od_config).load_model(
+        "cpu", load_format="custom_pipeline", custom_pipeline_name=path
+    )
+
+
+def test_rollout_log_probs_equal_the_trainer_recomputation(rollout_pipeline, checkpoint):
+    """Rollout on vllm-omni at one width; the trainer re-collates to another and rescoring gives the same log-probs."""
+    embeds, mask = padded_prompts((7, 13), seed=4)
+    negative_embeds, negative_mask = padded_prompts((3, 5), seed=5)
+    latents = torch.randn(2, IMAGE_TOKENS, 16, generator=torch.Generator().manual_seed(6))
+    extra = {"noise_level": 0.7, "sde_type": "sde", "sde_window_size": 2, "sde_window_range": (0, 2)}
+    batch = request_batch(
+        embeds_prompts(embeds, mask, negative_embeds, negative_mask), latents,
+        true_cfg_scale=4.0, generator=torch.Generator().manual_seed(7), extra_args=extra,
+    )  # fmt: skip
+    with transformer_calls(rollout_pipeline) as calls:
+        outputs = rollout_pipeline.forward(batch)
+    all_latents = torch.cat([output.trajectory_latents for output in outputs])
+    all_log_probs = torch.cat([output.trajectory_log_probs for output in outputs])
+    all_timesteps = torch.cat([output.trajectory_timesteps for output in outputs])
+    assert all_latents.shape == (2, 3, IMAGE_TOKENS, 16) and all_log_probs.shape == all_timesteps.shape == (2, 2)
+    assert_no_text_length(calls)
+
+    trainer_embeds, trainer_mask = padded_prompts((7, 13), seed=4, width=40)
+    trainer_negative, trainer_negative_mask = padded_prompts((3, 5), seed=5, width=9)
+    model_config = DiffusionModelConfig(
+        local_path=str(checkpoint),
+        algorithm="flow_grpo",
+        pipeline={"height": SIZE, "width": SIZE, "num_inference_steps": 3, "true_cfg_scale": 4.0},
+        algo={"noise_level": 0.7, "sde_type": "sde"},
+    )
+    micro_batch = {"height": SIZE, "width": SIZE, "vae_scale_factor": rollout_pipeline.vae_scale_factor}
+    scheduler = QwenImage.build_scheduler(model_config)
+    for step in range(all_log_probs.shape[1]):
+        inputs, negative_inputs = QwenImage.prepare_model_inputs(
+            rollout_pipeline.transformer, model_config, all_latents, all_timesteps, trainer_embeds, trainer_mask,
+            trainer_negative, trainer_negative_mask, micro_batch, step,
+        )  # fmt: skip
+        with torch.no_grad():
+            log_prob, *_ = QwenImage.forward_and_sample_previous_step(
+                rollout_pipeline.transformer, scheduler, model_config, inputs, negative_inputs,
+                {"all_latents": all_latents, "all_timesteps": all_timesteps}, step,
+            )  # fmt: skip
+        torch.testing.assert_close(log_prob, all_log_probs[:, step], rtol=0, atol=1e-5)

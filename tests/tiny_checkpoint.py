@@ -1,0 +1,97 @@
+"""A tiny random diffusers Qwen-Image checkpoint, built offline (shared by the generate and vllm-omni tests).
+
+A real ``QwenImagePipeline.save_pretrained`` directory: diffusers' transformer class (so
+``model_index.json`` names diffusers, as a released checkpoint does), a tiny
+``AutoencoderKLQwenImage``, a tiny ``Qwen2_5_VLForConditionalGeneration`` text encoder, a byte-level
+``Qwen2Tokenizer`` holding all 256 bytes and the chat special tokens, and the default scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel as DiffusersTransformer,
+)
+from tokenizers import AddedToken
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+TEXT_DIM = 32  # the text encoder's hidden size = the transformer's joint_attention_dim
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order (what ByteLevel pre-tokenizers emit)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def tiny_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen2 byte-level BPE without merges: one token per byte, so any text encodes, plus special tokens."""
+    vocab = {char: i for i, char in enumerate(byte_level_alphabet())}
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in SPECIAL_TOKENS])
+    return tokenizer
+
+
+def tiny_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
+    """1-layer Qwen2.5-VL with hidden size :data:`TEXT_DIM` and a 1-block vision tower."""
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    }
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **ids,
+            "hidden_size": TEXT_DIM,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            # head_dim 16: the multimodal RoPE sections cover its 8 frequencies.
+            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+            "rope_theta": 1e6,
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32},
+        **ids,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_pipeline() -> QwenImagePipeline:
+    """All five components, random weights from seed 0, on the CPU in fp32."""
+    torch.manual_seed(0)
+    transformer = DiffusersTransformer(
+        patch_size=2,
+        in_channels=16,  # = VAE z_dim 4 x the 2x2 latent patch
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(8, 12, 12),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # 8x spatial, as Qwen-Image: sizes are multiples of 16
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    tokenizer = tiny_tokenizer()
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=tiny_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
