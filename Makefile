@@ -27,12 +27,13 @@ test: $(STAMP)
 
 # vllm==0.30.0 + vllm-omni==0.30.0 (the extra) on top of the CPU torch 2.13.0 wheel: about
 # 2.5 minutes with a warm pip cache, several GB of downloads on the first install.
+# vllm pulls PyPI's torchvision, torchaudio and torchcodec, built against PyPI's CUDA torch: they
+# fail to load beside the CPU torch wheel and break `import vllm_omni`, which runs without them,
+# so they are uninstalled.
 $(VLLM_OMNI_STAMP): pyproject.toml
 	test -x $(VLLM_OMNI_PY) || $(PYTHON) -m venv $(VLLM_OMNI_VENV)
 	$(VLLM_OMNI_PY) -c "import torch" 2>/dev/null || $(VLLM_OMNI_PY) -m pip install -q torch==2.13.0
 	$(VLLM_OMNI_PY) -m pip install -q -e ".[test,vllm-omni]"
-	# vllm pulls PyPI's torchvision, torchaudio and torchcodec, built against PyPI's CUDA torch: they
-	# fail to load beside the CPU torch wheel and break `import vllm_omni`, which runs without them.
 	$(VLLM_OMNI_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VLLM_OMNI_STAMP)
 

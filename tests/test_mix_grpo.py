@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
@@ -100,13 +101,20 @@ def _mix_config(**algo) -> DiffusionModelConfig:
     )
 
 
-def test_registered_and_reuses_flow_grpo():
-    config = _mix_config()
-    assert DiffusionModelBase.get_class(config) is QwenImageMixGRPO
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm_omni") is not None,
+    reason="with vllm-omni installed the vllm-omni pipeline is registered (tests/test_vllm_omni.py)",
+)
+def test_diffusers_rollout_registered_without_vllm_omni():
     assert VllmOmniPipelineBase.get_class("QwenImagePipeline", "mix_grpo") is QwenImageMixGRPOPipelineWithLogProb
     assert VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "mix_grpo") == (
         "qwen_image_omni.pipelines.qwen_image_mix_grpo.QwenImageMixGRPOPipelineWithLogProb"
     )
+
+
+def test_registered_and_reuses_flow_grpo():
+    config = _mix_config()
+    assert DiffusionModelBase.get_class(config) is QwenImageMixGRPO
     assert issubclass(QwenImageMixGRPO, QwenImage)
     assert issubclass(QwenImageMixGRPOPipelineWithLogProb, QwenImagePipelineWithLogProb)
     for name in ("prepare_model_inputs", "sample_previous_step", "forward_and_sample_previous_step"):

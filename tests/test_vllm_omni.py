@@ -8,6 +8,7 @@ References are diffusers' own ``QwenImagePipeline`` / ``QwenImageTransformer2DMo
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import torch
 pytestmark = pytest.mark.vllm_omni
 pytest.importorskip("vllm_omni", reason="needs vllm-omni (make test-vllm-omni)")
 
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from vllm.config import LoadConfig, set_current_vllm_config  # noqa: E402
@@ -26,6 +28,7 @@ from vllm_omni.diffusion.data import OmniDiffusionConfig  # noqa: E402
 from vllm_omni.diffusion.distributed import parallel_state  # noqa: E402
 from vllm_omni.diffusion.forward_context import set_forward_context  # noqa: E402
 from vllm_omni.diffusion.model_loader.diffusers_loader import DiffusersPipelineLoader  # noqa: E402
+from vllm_omni.diffusion.models.qwen_image.cfg_parallel import QwenImageCFGParallelMixin  # noqa: E402
 from vllm_omni.diffusion.request import OmniDiffusionRequest  # noqa: E402
 from vllm_omni.diffusion.vllm_config import create_diffusion_vllm_config  # noqa: E402
 from vllm_omni.diffusion.worker.input_batch import InputBatch  # noqa: E402
@@ -37,7 +40,11 @@ from vllm_omni.plugins import load_omni_general_plugins  # noqa: E402
 from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
 from qwen_image_omni.integrations import vllm_omni as integration  # noqa: E402
 from qwen_image_omni.pipelines import DiffusionModelConfig, VllmOmniPipelineBase  # noqa: E402
-from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImage  # noqa: E402
+from qwen_image_omni.pipelines.qwen_image_flow_grpo import (  # noqa: E402
+    QwenImage,
+    QwenImagePipelineWithLogProb as DiffusersRolloutPipeline,
+)
+from qwen_image_omni.pipelines.qwen_image_mix_grpo import QwenImageMixGRPO  # noqa: E402
 
 from .tiny_checkpoint import TEXT_DIM, tiny_pipeline  # noqa: E402
 
@@ -158,7 +165,29 @@ def test_plugin_points_vllm_omni_registry_at_our_pipelines(od_config):
     for architecture in ARCHITECTURES:
         cls = omni_registry.DiffusionModelRegistry._try_load_model_cls(architecture)
         assert cls is getattr(integration, architecture)
-        assert cls.__mro__[1:3] != () and issubclass(cls, integration.QwenImageOmniMixin)
+        assert issubclass(cls, integration.QwenImageOmniMixin)
+        assert issubclass(cls, getattr(cls.vllm_omni_module, architecture))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_vllm_omni_constructors_build_the_transformer_by_the_name_we_rebind(architecture, pipeline):
+    """Our pipelines swap the transformer by rebinding this module-level name while vllm-omni's
+    constructor runs; a vllm-omni release that builds it another way fails here, not in serving."""
+    cls = getattr(integration, architecture)
+    upstream = getattr(cls.vllm_omni_module, architecture)
+    assert "QwenImageTransformer2DModel(" in inspect.getsource(upstream.__init__)
+    assert cls.vllm_omni_module.QwenImageTransformer2DModel.__module__.startswith("vllm_omni.")  # restored
+
+
+def test_diffuse_takes_vllm_omni_argument_layout_without_the_two_lengths():
+    """vllm-omni's Edit/EditPlus/Layered ``forward`` calls ``diffuse`` positionally with the layout of
+    ``QwenImageCFGParallelMixin.diffuse``; ours is that layout minus the two text-length slots."""
+    upstream = list(inspect.signature(QwenImageCFGParallelMixin.diffuse).parameters)
+    ours = list(inspect.signature(integration.QwenImageOmniMixin.diffuse).parameters)
+    assert upstream[7:9] == ["txt_seq_lens", "negative_txt_seq_lens"]
+    assert ours == upstream[:7] + upstream[9:]
+    adapter = list(inspect.signature(integration.QwenImageEditPipeline.diffuse).parameters)
+    assert adapter[:9] == upstream[:7] + ["_lengths", "_negative_lengths"]
 
 
 def test_process_functions_resolve_to_vllm_omni_own(od_config):
@@ -299,23 +328,41 @@ def rollout_pipeline(od_config):
     )
 
 
-def test_rollout_log_probs_equal_the_trainer_recomputation(rollout_pipeline, checkpoint):
-    """Rollout on vllm-omni at one width; the trainer re-collates to another and rescoring gives the same log-probs."""
+ROLLOUT_EXTRA_ARGS = {"noise_level": 0.7, "sde_type": "sde", "sde_window_size": 2, "sde_window_range": (0, 2)}
+
+
+def rollout_inputs():
+    """Two prompts padded to :data:`WIDTH` with negative prompts, initial noise, and a fresh generator."""
     embeds, mask = padded_prompts((7, 13), seed=4)
     negative_embeds, negative_mask = padded_prompts((3, 5), seed=5)
     latents = torch.randn(2, IMAGE_TOKENS, 16, generator=torch.Generator().manual_seed(6))
-    extra = {"noise_level": 0.7, "sde_type": "sde", "sde_window_size": 2, "sde_window_range": (0, 2)}
+    return embeds, mask, negative_embeds, negative_mask, latents, torch.Generator().manual_seed(7)
+
+
+@pytest.fixture(scope="module")
+def rollout(rollout_pipeline) -> dict[str, torch.Tensor]:
+    """One FlowGRPO rollout of :func:`rollout_inputs` on vllm-omni, the trajectories of both requests stacked."""
+    embeds, mask, negative_embeds, negative_mask, latents, generator = rollout_inputs()
     batch = request_batch(
         embeds_prompts(embeds, mask, negative_embeds, negative_mask), latents,
-        true_cfg_scale=4.0, generator=torch.Generator().manual_seed(7), extra_args=extra,
+        true_cfg_scale=4.0, generator=generator, extra_args=ROLLOUT_EXTRA_ARGS,
     )  # fmt: skip
     with transformer_calls(rollout_pipeline) as calls:
         outputs = rollout_pipeline.forward(batch)
-    all_latents = torch.cat([output.trajectory_latents for output in outputs])
-    all_log_probs = torch.cat([output.trajectory_log_probs for output in outputs])
-    all_timesteps = torch.cat([output.trajectory_timesteps for output in outputs])
-    assert all_latents.shape == (2, 3, IMAGE_TOKENS, 16) and all_log_probs.shape == all_timesteps.shape == (2, 2)
+    assert len(outputs) == 2
     assert_no_text_length(calls)
+    return {
+        "images": torch.cat([output.output for output in outputs]),
+        "all_latents": torch.cat([output.trajectory_latents for output in outputs]),
+        "all_log_probs": torch.cat([output.trajectory_log_probs for output in outputs]),
+        "all_timesteps": torch.cat([output.trajectory_timesteps for output in outputs]),
+    }
+
+
+def test_rollout_log_probs_equal_the_trainer_recomputation(rollout_pipeline, rollout, checkpoint):
+    """The trainer re-collates the prompts to other widths; rescoring gives the rollout's log-probs."""
+    all_latents, all_log_probs, all_timesteps = rollout["all_latents"], rollout["all_log_probs"], rollout["all_timesteps"]
+    assert all_latents.shape == (2, 3, IMAGE_TOKENS, 16) and all_log_probs.shape == all_timesteps.shape == (2, 2)
 
     trainer_embeds, trainer_mask = padded_prompts((7, 13), seed=4, width=40)
     trainer_negative, trainer_negative_mask = padded_prompts((3, 5), seed=5, width=9)
@@ -338,3 +385,43 @@ def test_rollout_log_probs_equal_the_trainer_recomputation(rollout_pipeline, che
                 {"all_latents": all_latents, "all_timesteps": all_timesteps}, step,
             )  # fmt: skip
         torch.testing.assert_close(log_prob, all_log_probs[:, step], rtol=0, atol=1e-5)
+
+
+def test_rollout_equals_the_diffusers_rollout_pipeline(rollout_pipeline, rollout, checkpoint):
+    """vllm-omni's rollout and the diffusers rollout pipeline run one loop: same trajectories."""
+    embeds, mask, negative_embeds, negative_mask, latents, generator = rollout_inputs()
+    diffusers_rollout = DiffusersRolloutPipeline(
+        transformer=rollout_pipeline.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint, subfolder="scheduler"),
+    )
+    expected = diffusers_rollout(
+        prompt_embeds=embeds, prompt_embeds_mask=mask,
+        negative_prompt_embeds=negative_embeds, negative_prompt_embeds_mask=negative_mask,
+        true_cfg_scale=4.0, height=SIZE, width=SIZE, num_inference_steps=3, generator=[generator, generator],
+        latents=latents, output_type="latent", **ROLLOUT_EXTRA_ARGS,
+    )  # fmt: skip
+    for name in ("images", "all_latents", "all_log_probs", "all_timesteps"):
+        torch.testing.assert_close(rollout[name], getattr(expected, name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("global_steps", [0, 1, 2])
+def test_mix_grpo_rollout_uses_the_trainer_window(od_config, global_steps):
+    """The MixGRPO rollout records exactly the window ``QwenImageMixGRPO.sde_window`` gives the trainer."""
+    path = VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "mix_grpo")
+    assert path == "qwen_image_omni.integrations.vllm_omni.QwenImageMixGRPOPipelineWithLogProb"
+    pipe = DiffusersPipelineLoader(LoadConfig(), od_config).load_model(
+        "cpu", load_format="custom_pipeline", custom_pipeline_name=path
+    )
+    embeds, mask, _, _, latents, generator = rollout_inputs()
+    extra = {"sde_window_size": 1, "sde_window_range": (0, 3), "sample_strategy": "progressive", "global_steps": global_steps}
+    outputs = pipe.forward(request_batch(embeds_prompts(embeds, mask), latents, generator=generator, extra_args=extra))
+    config = DiffusionModelConfig(
+        architecture="QwenImagePipeline",
+        algorithm="mix_grpo",
+        pipeline={"height": SIZE, "width": SIZE, "num_inference_steps": 3},
+        algo={"sde_window_size": 1, "sde_window_range": (0, 3)},
+    )
+    start, end = QwenImageMixGRPO.sde_window(config, global_steps, "progressive")
+    assert (start, end) == (global_steps, global_steps + 1)
+    for output in outputs:
+        torch.testing.assert_close(output.trajectory_timesteps, pipe.scheduler.timesteps[start:end].reshape(1, -1))

@@ -21,6 +21,7 @@ text RoPE length from ``encoder_hidden_states.shape[1]``, so no text length is c
 rollout pipeline, so trainer log-probs equal rollout log-probs. It is registered on
 ``VllmOmniPipelineBase`` for ``("QwenImagePipeline", "flow_grpo")``; RL frameworks load it with
 ``load_format="custom_pipeline"`` and ``custom_pipeline_name=VllmOmniPipelineBase.get_pipeline_path(...)``.
+:class:`QwenImageMixGRPOPipelineWithLogProb` is its MixGRPO twin (``"mix_grpo"``).
 
 Importing this module needs vllm-omni; the rest of the package imports without it.
 """
@@ -71,12 +72,14 @@ from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image_layered import (
 
 from ..pipelines.model_base import VllmOmniPipelineBase
 from ..pipelines.qwen_image_flow_grpo import QwenImageRolloutMixin, sde_scheduler
+from ..pipelines.qwen_image_mix_grpo import MIX_GRPO_ROLLOUT_OPTIONS, QwenImageMixGRPO, pin_sde_window_range
 from ..transformer import QwenImageTransformer2DModel
 
 __all__ = [
     "QwenImageEditPipeline",
     "QwenImageEditPlusPipeline",
     "QwenImageLayeredPipeline",
+    "QwenImageMixGRPOPipelineWithLogProb",
     "QwenImagePipeline",
     "QwenImagePipelineWithLogProb",
     "build_transformer",
@@ -457,6 +460,12 @@ class QwenImageLayeredPipeline(
 # RL rollout.
 # --------------------------------------------------------------------------------------------------
 
+def _options(defaults: dict[str, Any], extra_args: dict[str, Any] | None) -> dict[str, Any]:
+    """``defaults`` overridden by the same keys of ``extra_args``."""
+    extra_args = extra_args or {}
+    return {name: extra_args.get(name, default) for name, default in defaults.items()}
+
+
 ROLLOUT_OPTIONS: dict[str, Any] = {
     "noise_level": 0.7,
     "sde_window_size": None,
@@ -484,11 +493,10 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
         super().__init__(od_config=od_config, prefix=prefix)
         self.scheduler = sde_scheduler(self.scheduler)
 
-    @staticmethod
-    def rollout_options(extra_args: dict[str, Any] | None) -> dict[str, Any]:
+    @classmethod
+    def rollout_options(cls, extra_args: dict[str, Any] | None) -> dict[str, Any]:
         """:data:`ROLLOUT_OPTIONS` overridden by ``extra_args``; other keys there are ignored."""
-        extra_args = extra_args or {}
-        return {name: extra_args.get(name, default) for name, default in ROLLOUT_OPTIONS.items()}
+        return _options(ROLLOUT_OPTIONS, extra_args)
 
     @torch.no_grad()
     def forward(self, req: DiffusionRequestBatch) -> list[DiffusionOutput]:
@@ -551,6 +559,28 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
                 )
             )
         return outputs
+
+
+@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="mix_grpo", replace=True)
+class QwenImageMixGRPOPipelineWithLogProb(QwenImagePipelineWithLogProb):
+    """MixGRPO rollout on vllm-omni: :class:`QwenImagePipelineWithLogProb` with the MixGRPO window.
+
+    ``extra_args`` may also carry :data:`~qwen_image_omni.pipelines.qwen_image_mix_grpo.MIX_GRPO_ROLLOUT_OPTIONS`
+    (``sample_strategy``, ``global_steps``, ``iters_per_group``, ``sde_window_seed``); the window is
+    then the one :meth:`QwenImageMixGRPO.sde_window` gives the trainer for that step.
+    """
+
+    training_adapter = QwenImageMixGRPO
+    algorithm = "mix_grpo"
+
+    @classmethod
+    def rollout_options(cls, extra_args: dict[str, Any] | None) -> dict[str, Any]:
+        """FlowGRPO's options with ``sde_window_range`` pinned to this step's MixGRPO window."""
+        options = super().rollout_options(extra_args)
+        options["sde_window_range"] = pin_sde_window_range(
+            options["sde_window_size"], options["sde_window_range"], **_options(MIX_GRPO_ROLLOUT_OPTIONS, extra_args)
+        )
+        return options
 
 
 # --------------------------------------------------------------------------------------------------

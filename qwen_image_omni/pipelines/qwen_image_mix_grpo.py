@@ -31,14 +31,24 @@ from .qwen_image_flow_grpo import (
 )
 
 __all__ = [
+    "MIX_GRPO_ROLLOUT_OPTIONS",
     "WINDOW_STRATEGIES",
     "QwenImageMixGRPO",
     "QwenImageMixGRPOPipelineWithLogProb",
     "mix_grpo_sde_window",
+    "pin_sde_window_range",
 ]
 
 WINDOW_STRATEGIES: tuple[str, ...] = ("random", "progressive")
 """How MixGRPO places the SDE window: seeded random draw, or a window that slides with training."""
+
+MIX_GRPO_ROLLOUT_OPTIONS: dict[str, Any] = {
+    "sample_strategy": "random",
+    "global_steps": 0,
+    "iters_per_group": 1,
+    "sde_window_seed": 0,
+}
+"""The rollout options MixGRPO adds to FlowGRPO's, with their defaults (see :func:`mix_grpo_sde_window`)."""
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -98,6 +108,32 @@ def mix_grpo_sde_window(
         advances = step // _check_int("iters_per_group", iters_per_group, 1)
         start = min(first + advances * size, last)
     return start, start + size
+
+
+def pin_sde_window_range(
+    sde_window_size: int | None,
+    sde_window_range: tuple[int, int],
+    sample_strategy: str = "random",
+    global_steps: int = 0,
+    iters_per_group: int = 1,
+    sde_window_seed: int = 0,
+) -> tuple[int, int]:
+    """The ``sde_window_range`` that makes a FlowGRPO rollout's window draw land on this step's MixGRPO window.
+
+    A FlowGRPO rollout draws its window start inside ``sde_window_range``; shrinking the range to
+    the MixGRPO window (:func:`mix_grpo_sde_window`) pins the draw. With no ``sde_window_size``
+    the rollout uses the full window and the range is returned unchanged.
+
+    Raises:
+        ValueError, TypeError: as :func:`mix_grpo_sde_window`.
+    """
+    if sample_strategy not in WINDOW_STRATEGIES:
+        raise ValueError(f"`sample_strategy` must be one of {WINDOW_STRATEGIES}, got {sample_strategy!r}")
+    if sde_window_size is None:
+        return sde_window_range
+    return mix_grpo_sde_window(
+        sample_strategy, sde_window_size, sde_window_range, global_steps, iters_per_group, sde_window_seed
+    )
 
 
 @DiffusionModelBase.register("QwenImagePipeline", algorithm="mix_grpo")
@@ -172,11 +208,7 @@ class QwenImageMixGRPOPipelineWithLogProb(QwenImagePipelineWithLogProb):
             sde_window_seed: ``"random"``: base seed of the per-step draw.
             **kwargs: passed on to :meth:`QwenImagePipelineWithLogProb.forward`.
         """
-        if sample_strategy not in WINDOW_STRATEGIES:
-            raise ValueError(f"`sample_strategy` must be one of {WINDOW_STRATEGIES}, got {sample_strategy!r}")
-        if sde_window_size is not None:
-            # Pin the base pipeline's draw to this step's window by shrinking its envelope to it.
-            sde_window_range = mix_grpo_sde_window(
-                sample_strategy, sde_window_size, sde_window_range, global_steps, iters_per_group, sde_window_seed
-            )
+        sde_window_range = pin_sde_window_range(
+            sde_window_size, sde_window_range, sample_strategy, global_steps, iters_per_group, sde_window_seed
+        )
         return super().forward(*args, sde_window_size=sde_window_size, sde_window_range=sde_window_range, **kwargs)
