@@ -8,8 +8,9 @@ References are diffusers' own ``QwenImagePipeline`` / ``QwenImageTransformer2DMo
 
 from __future__ import annotations
 
+import copy
 import inspect
-import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +22,7 @@ pytest.importorskip("vllm_omni", reason="needs vllm-omni (make test-vllm-omni)")
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline  # noqa: E402
+from diffusers import QwenImageTransformer2DModel as DiffusersTransformer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from vllm.config import LoadConfig, set_current_vllm_config  # noqa: E402
 from vllm_omni.diffusion import registry as omni_registry  # noqa: E402
@@ -65,6 +67,13 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def od_config(checkpoint) -> Iterator[OmniDiffusionConfig]:
     """vllm-omni's config for the checkpoint, inside a one-rank gloo world and vllm-omni's forward context."""
@@ -72,9 +81,13 @@ def od_config(checkpoint) -> Iterator[OmniDiffusionConfig]:
     config = OmniDiffusionConfig(model=str(checkpoint), dtype=torch.float32)
     config.enrich_config()
     vllm_config = create_diffusion_vllm_config(torch.device("cpu"), config)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    with set_forward_context(vllm_config=vllm_config, omni_diffusion_config=config), set_current_vllm_config(vllm_config):
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        set_forward_context(vllm_config=vllm_config, omni_diffusion_config=config),
+        set_current_vllm_config(vllm_config),
+    ):
+        patch.setenv("MASTER_ADDR", "127.0.0.1")
+        patch.setenv("MASTER_PORT", str(free_port()))
         torch.distributed.init_process_group("gloo", init_method="env://", world_size=1, rank=0)
         parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
         parallel_state.initialize_model_parallel()
@@ -314,6 +327,89 @@ def test_step_execution_batch_matches_each_request_alone(pipeline):
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
     assert_no_text_length(calls)
     assert all(state.txt_seq_lens is None or state.txt_seq_lens == [state.prompt_embeds.shape[1]] for state in together)
+
+
+# ----------------------------------------------------------------------------- Edit, Edit-Plus, Layered
+
+IMAGE_PIPELINES = ARCHITECTURES[1:]
+
+
+class _ProcessorStandIn:
+    """Replaces ``Qwen2VLProcessor`` while the image pipelines are built: transformers 5 builds its
+    video processor with torchvision, which cannot load beside the CPU torch wheel. Only prompt
+    encoding with an image uses the processor; the denoising tested here does not."""
+
+    @staticmethod
+    def from_pretrained(*args, **kwargs):
+        return None
+
+
+@pytest.fixture(scope="module")
+def image_pipelines(od_config) -> dict:
+    """Our Edit, Edit-Plus and Layered pipelines, built by vllm-omni's loader on the tiny checkpoint."""
+    built = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for architecture in IMAGE_PIPELINES:
+            module = getattr(integration, architecture).vllm_omni_module
+            patch.setattr(module, "Qwen2VLProcessor", _ProcessorStandIn)
+            config = copy.copy(od_config)
+            config.model_class_name = architecture
+            built[architecture] = DiffusersPipelineLoader(LoadConfig(), config).load_model("cpu")
+    return built
+
+
+class _DropTextLengths(torch.nn.Module):
+    """diffusers' transformer behind vllm-omni's call, which still passes ``txt_seq_lens``."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, txt_seq_lens=None, **kwargs):
+        return self.transformer(**kwargs)
+
+
+@pytest.mark.parametrize("architecture", IMAGE_PIPELINES)
+def test_image_pipelines_hold_our_transformer(image_pipelines, checkpoint_tensors, architecture):
+    pipe = image_pipelines[architecture]
+    assert type(pipe) is getattr(integration, architecture)
+    assert type(pipe.transformer) is QwenImageTransformer2DModel
+    state = pipe.transformer.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in checkpoint_tensors.items())
+
+
+@pytest.mark.parametrize("architecture", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
+def test_edit_denoising_called_as_vllm_omni_forward_calls_it_matches_diffusers(
+    image_pipelines, checkpoint, architecture
+):
+    """``diffuse`` with the positional layout of vllm-omni's Edit ``forward`` (text lengths
+    included), an appended condition image and true CFG, against vllm-omni's own loop running
+    diffusers' transformer on the same weights."""
+    pipe = image_pipelines[architecture]
+    pipe._interrupt, pipe._current_timestep = False, None
+    embeds, mask = padded_prompts((9,), seed=8)
+    negative_embeds, negative_mask = padded_prompts((4,), seed=9)
+    generator = torch.Generator().manual_seed(11)
+    latents = torch.randn(1, IMAGE_TOKENS, 16, generator=generator)
+    image_latents = torch.randn(1, IMAGE_TOKENS, 16, generator=generator)
+    img_shapes = [[(1, 4, 4), (1, 4, 4)]]
+    timesteps, _ = pipe.prepare_timesteps(3, None, IMAGE_TOKENS)
+    arguments = (embeds, mask, negative_embeds, negative_mask, latents, img_shapes, [WIDTH], [WIDTH],
+                 timesteps, True, None, 4.0)  # fmt: skip
+    options = {"image_latents": image_latents, "cfg_normalize": True,
+               "additional_transformer_kwargs": {"return_dict": False, "attention_kwargs": {}}}  # fmt: skip
+    with transformer_calls(pipe) as calls:
+        ours = pipe.diffuse(*arguments, **options)
+    assert_no_text_length(calls)
+
+    pipe.prepare_timesteps(3, None, IMAGE_TOKENS)  # a fresh schedule for the second loop
+    ours_transformer = pipe.transformer
+    pipe.transformer = _DropTextLengths(DiffusersTransformer.from_pretrained(checkpoint, subfolder="transformer"))
+    try:
+        expected = QwenImageCFGParallelMixin.diffuse(pipe, *arguments, **options)
+    finally:
+        pipe.transformer = ours_transformer
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- RL rollout
