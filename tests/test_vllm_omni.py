@@ -121,7 +121,9 @@ def checkpoint_tensors(checkpoint) -> dict[str, torch.Tensor]:
 def transformer_calls(pipe) -> Iterator[list[dict]]:
     """Inside: the keyword arguments of every call of ``pipe.transformer``."""
     calls: list[dict] = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True
+    )
     try:
         yield calls
     finally:
@@ -145,7 +147,11 @@ def request_batch(prompts: list[dict], latents: torch.Tensor, **sampling) -> Dif
         OmniDiffusionRequest(
             prompt=prompt,
             sampling_params=OmniDiffusionSamplingParams(
-                height=SIZE, width=SIZE, num_inference_steps=3, output_type="latent", latents=latents[index : index + 1],
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=3,
+                output_type="latent",
+                latents=latents[index : index + 1],
                 **sampling,
             ),  # fmt: skip
             request_id=f"request-{index}",
@@ -161,7 +167,10 @@ def embeds_prompts(embeds, mask, negative_embeds=None, negative_mask=None) -> li
     for row in range(embeds.shape[0]):
         prompt = {"prompt_embeds": embeds[row], "prompt_embeds_mask": mask[row]}
         if negative_embeds is not None:
-            prompt |= {"negative_prompt_embeds": negative_embeds[row], "negative_prompt_embeds_mask": negative_mask[row]}
+            prompt |= {
+                "negative_prompt_embeds": negative_embeds[row],
+                "negative_prompt_embeds_mask": negative_mask[row],
+            }
         prompts.append(prompt)
     return prompts
 
@@ -219,7 +228,9 @@ def test_register_is_idempotent(od_config):
     integration.register()
     integration.register()
     assert {arch: omni_registry._DIFFUSION_MODELS[arch] for arch in ARCHITECTURES} == before
-    assert omni_registry.DiffusionModelRegistry._try_load_model_cls("QwenImagePipeline") is integration.QwenImagePipeline
+    assert (
+        omni_registry.DiffusionModelRegistry._try_load_model_cls("QwenImagePipeline") is integration.QwenImagePipeline
+    )
 
 
 def test_rollout_pipeline_reachable_through_the_rl_registry():
@@ -298,14 +309,19 @@ def test_step_execution_batch_matches_each_request_alone(pipeline):
     """Continuous batching: two text prompts of different lengths, stepped together and alone."""
 
     def states():
-        prompts = [{"prompt": "a cat", "negative_prompt": " "}, {"prompt": "a red bicycle by a lake", "negative_prompt": " "}]
+        prompts = [
+            {"prompt": "a cat", "negative_prompt": " "},
+            {"prompt": "a red bicycle by a lake", "negative_prompt": " "},
+        ]
         made = []
         for index, prompt in enumerate(prompts):
             sampling = OmniDiffusionSamplingParams(
                 height=SIZE, width=SIZE, num_inference_steps=3, true_cfg_scale=4.0, output_type="latent",
                 generator=torch.Generator().manual_seed(10 + index),
             )  # fmt: skip
-            made.append(pipeline.prepare_encode(StepRequestState(request_id=f"r{index}", sampling=sampling, prompt=prompt)))
+            made.append(
+                pipeline.prepare_encode(StepRequestState(request_id=f"r{index}", sampling=sampling, prompt=prompt))
+            )
         return made
 
     def run(group):
@@ -457,7 +473,11 @@ def rollout(rollout_pipeline) -> dict[str, torch.Tensor]:
 
 def test_rollout_log_probs_equal_the_trainer_recomputation(rollout_pipeline, rollout, checkpoint):
     """The trainer re-collates the prompts to other widths; rescoring gives the rollout's log-probs."""
-    all_latents, all_log_probs, all_timesteps = rollout["all_latents"], rollout["all_log_probs"], rollout["all_timesteps"]
+    all_latents, all_log_probs, all_timesteps = (
+        rollout["all_latents"],
+        rollout["all_log_probs"],
+        rollout["all_timesteps"],
+    )
     assert all_latents.shape == (2, 3, IMAGE_TOKENS, 16) and all_log_probs.shape == all_timesteps.shape == (2, 2)
 
     trainer_embeds, trainer_mask = padded_prompts((7, 13), seed=4, width=40)
@@ -509,7 +529,12 @@ def test_mix_grpo_rollout_uses_the_trainer_window(od_config, global_steps):
         "cpu", load_format="custom_pipeline", custom_pipeline_name=path
     )
     embeds, mask, _, _, latents, generator = rollout_inputs()
-    extra = {"sde_window_size": 1, "sde_window_range": (0, 3), "sample_strategy": "progressive", "global_steps": global_steps}
+    extra = {
+        "sde_window_size": 1,
+        "sde_window_range": (0, 3),
+        "sample_strategy": "progressive",
+        "global_steps": global_steps,
+    }
     outputs = pipe.forward(request_batch(embeds_prompts(embeds, mask), latents, generator=generator, extra_args=extra))
     config = DiffusionModelConfig(
         architecture="QwenImagePipeline",

@@ -138,7 +138,9 @@ class _TransformerFactory:
     that name to this factory for the duration of the call, so vllm-omni's transformer is never built.
     """
 
-    def __new__(cls, *, od_config: OmniDiffusionConfig, quant_config: Any = None, **_: Any) -> QwenImageTransformer2DModel:
+    def __new__(
+        cls, *, od_config: OmniDiffusionConfig, quant_config: Any = None, **_: Any
+    ) -> QwenImageTransformer2DModel:
         return build_transformer(od_config, quant_config)
 
 
@@ -205,7 +207,9 @@ class QwenImageOmniMixin:
             with torch.no_grad():
                 target.copy_(tensor)
             loaded.add(name)
-        missing = sorted(set(dict(self.transformer.named_parameters())) - {n.removeprefix(TRANSFORMER_PREFIX) for n in loaded})
+        missing = sorted(
+            set(dict(self.transformer.named_parameters())) - {n.removeprefix(TRANSFORMER_PREFIX) for n in loaded}
+        )
         if missing:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing transformer tensors: {shown}")
@@ -234,7 +238,12 @@ class QwenImageOmniMixin:
         hidden_states = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
         common = {"hidden_states": hidden_states, "timestep": timestep, "guidance": guidance, "img_shapes": img_shapes}
         extra = extra_transformer_kwargs or {}
-        positive = {**common, "encoder_hidden_states": prompt_embeds, "encoder_hidden_states_mask": prompt_embeds_mask, **extra}
+        positive = {
+            **common,
+            "encoder_hidden_states": prompt_embeds,
+            "encoder_hidden_states_mask": prompt_embeds_mask,
+            **extra,
+        }
         negative = None
         if do_true_cfg:
             negative = {
@@ -404,9 +413,7 @@ class QwenImagePipeline(QwenImageOmniMixin, pipeline_qwen_image.QwenImagePipelin
         )
         self._current_timestep = None
         result = self._decode_latents(latents, arguments["height"], arguments["width"], output_type)
-        return split_diffusion_output_by_request(
-            result, req, num_outputs_per_prompt=arguments["num_images_per_prompt"]
-        )
+        return split_diffusion_output_by_request(result, req, num_outputs_per_prompt=arguments["num_images_per_prompt"])
 
     def denoise_step(self, input_batch: Any, **kwargs: Any) -> torch.Tensor | None:
         """One denoising step of a continuous batch (vllm-omni's ``InputBatch``), no text length."""
@@ -459,6 +466,7 @@ class QwenImageLayeredPipeline(
 # --------------------------------------------------------------------------------------------------
 # RL rollout.
 # --------------------------------------------------------------------------------------------------
+
 
 def _options(defaults: dict[str, Any], extra_args: dict[str, Any] | None) -> dict[str, Any]:
     """``defaults`` overridden by the same keys of ``extra_args``."""
