@@ -259,7 +259,7 @@ def test_load_weights_reports_every_transformer_tensor(pipeline, checkpoint_tens
 def test_load_weights_rejects_a_missing_tensor(pipeline, checkpoint_tensors):
     missing = "transformer_blocks.0.attn.norm_q.weight"
     weights = [(f"transformer.{name}", tensor) for name, tensor in checkpoint_tensors.items() if name != missing]
-    with pytest.raises(ValueError, match=rf"missing transformer tensors: {missing}"):
+    with pytest.raises(ValueError, match=rf"missing transformer tensors: transformer\.{missing}$"):
         pipeline.load_weights(weights)
 
 

@@ -29,7 +29,6 @@ Importing this module needs vllm-omni; the rest of the package imports without i
 from __future__ import annotations
 
 import inspect
-import logging
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -91,8 +90,6 @@ __all__ = [
     "get_qwen_image_post_process_func",
     "register",
 ]
-
-logger = logging.getLogger(__name__)
 
 TRANSFORMER_PREFIX = "transformer."
 """Prefix of the transformer's tensors in the stream vllm-omni's loader feeds ``load_weights``."""
@@ -207,9 +204,7 @@ class QwenImageOmniMixin:
             with torch.no_grad():
                 target.copy_(tensor)
             loaded.add(name)
-        missing = sorted(
-            set(dict(self.transformer.named_parameters())) - {n.removeprefix(TRANSFORMER_PREFIX) for n in loaded}
-        )
+        missing = sorted({TRANSFORMER_PREFIX + name for name, _ in self.transformer.named_parameters()} - loaded)
         if missing:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing transformer tensors: {shown}")
