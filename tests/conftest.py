@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny diffusers Qwen-Image checkpoint directory (``tests/tiny_checkpoint.py``)."""
+    from .tiny_checkpoint import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-qwen-image")
+    tiny_pipeline().save_pretrained(path)
+    return path

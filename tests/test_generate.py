@@ -17,15 +17,7 @@ from qwen_image_omni import QwenImageTransformer2DModel
 from qwen_image_omni.cli import main
 from qwen_image_omni.generate import load_pipeline
 
-from .tiny_checkpoint import TEXT_DIM, tiny_pipeline
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A saved tiny diffusers Qwen-Image checkpoint directory."""
-    path = tmp_path_factory.mktemp("tiny-qwen-image")
-    tiny_pipeline().save_pretrained(path)
-    return path
+from .tiny_checkpoint import TEXT_DIM
 
 
 def generate_argv(model, out, *extra) -> list[str]:

@@ -48,7 +48,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import (  # noqa: E402
 )
 from qwen_image_omni.pipelines.qwen_image_mix_grpo import QwenImageMixGRPO  # noqa: E402
 
-from .tiny_checkpoint import TEXT_DIM, tiny_pipeline  # noqa: E402
+from .tiny_checkpoint import TEXT_DIM  # noqa: E402
 
 ARCHITECTURES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageLayeredPipeline")
 SIZE = 64  # pixels: a 4x4 grid of packed latent tokens
@@ -57,14 +57,6 @@ WIDTH = 24  # the fixed width every prompt is padded to, wider than any valid le
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A saved tiny diffusers Qwen-Image checkpoint directory."""
-    path = tmp_path_factory.mktemp("tiny-qwen-image")
-    tiny_pipeline().save_pretrained(path)
-    return path
 
 
 def free_port() -> int:
