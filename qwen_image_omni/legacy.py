@@ -8,8 +8,9 @@ wider than its valid tokens (fixed-width collation, continuous-batching padding)
 too short. diffusers, and this package, size the table by ``encoder_hidden_states.shape[1]``.
 
 This module reproduces the legacy behaviour on any model with diffusers' API (ours or diffusers'
-class) by wrapping the model's ``pos_embed`` output for one call: it truncates the text table to
-``max(mask.sum(dim=1))`` rows. Nothing is copied and the model is restored afterwards.
+class) by passing the model's ``pos_embed`` output through a filter for one call: it truncates the
+text table to ``max(mask.sum(dim=1))`` rows. Nothing is copied, nothing on the model is replaced,
+and other threads using the same model meanwhile are not affected.
 
 Two flavours, because the short table fails differently depending on who applies it:
 
@@ -27,6 +28,8 @@ Two flavours, because the short table fails differently depending on who applies
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -42,9 +45,7 @@ def legacy_txt_seq_len(encoder_hidden_states_mask: torch.Tensor) -> int:
         encoder_hidden_states_mask: ``[batch, width]`` mask, 1 (or True) for valid tokens.
     """
     if encoder_hidden_states_mask is None:
-        raise ValueError(
-            "encoder_hidden_states_mask is required: the legacy length is max(mask.sum(dim=1)), got None"
-        )
+        raise ValueError("encoder_hidden_states_mask is required: the legacy length is max(mask.sum(dim=1)), got None")
     if encoder_hidden_states_mask.dim() != 2:
         raise ValueError(
             "encoder_hidden_states_mask must be 2-D [batch, width], "
@@ -81,13 +82,49 @@ def legacy_txt_freqs(txt_freqs: torch.Tensor, txt_seq_len: int, mode: str) -> to
     return torch.cat([short, identity], dim=0)
 
 
+# The legacy length in effect for each RoPE module, per thread / async context: {id(pos_embed): (len, mode)}.
+_ACTIVE: contextvars.ContextVar[dict[int, tuple[int, str]]] = contextvars.ContextVar("legacy_text_rope", default={})
+# One forward hook per RoPE module while any context uses it: {id(pos_embed): (hook handle, users)}.
+_HOOKS: dict[int, tuple[object, int]] = {}
+_HOOKS_LOCK = threading.Lock()
+
+
+def _legacy_output_hook(module: nn.Module, args, output):
+    """Forward hook: the legacy text table when this context asked for it, the output unchanged otherwise."""
+    active = _ACTIVE.get().get(id(module))
+    if active is None:
+        return None
+    img_freqs, txt_freqs = output
+    return img_freqs, legacy_txt_freqs(txt_freqs, *active)
+
+
+def _acquire_hook(pos_embed: nn.Module) -> None:
+    with _HOOKS_LOCK:
+        handle, users = _HOOKS.get(id(pos_embed), (None, 0))
+        if handle is None:
+            handle = pos_embed.register_forward_hook(_legacy_output_hook)
+        _HOOKS[id(pos_embed)] = (handle, users + 1)
+
+
+def _release_hook(pos_embed: nn.Module) -> None:
+    with _HOOKS_LOCK:
+        handle, users = _HOOKS[id(pos_embed)]
+        if users == 1:
+            handle.remove()
+            del _HOOKS[id(pos_embed)]
+        else:
+            _HOOKS[id(pos_embed)] = (handle, users - 1)
+
+
 @contextlib.contextmanager
 def legacy_text_rope(model: nn.Module, txt_seq_len: int, mode: str = "native") -> Iterator[nn.Module]:
     """Context manager: ``model``'s RoPE module returns the legacy text table while inside.
 
-    Replaces ``model.pos_embed.forward`` with a wrapper that calls the original and passes its
-    ``(img_freqs, txt_freqs)`` output through :func:`legacy_txt_freqs`; the original ``forward`` is
-    restored on exit, also after an exception.
+    Thread-safe and re-entrant: nothing on the model is replaced. A forward hook on
+    ``model.pos_embed`` (one per module, shared and reference-counted, removed when the last user
+    leaves) passes the ``(img_freqs, txt_freqs)`` output through :func:`legacy_txt_freqs` only in
+    the thread (or async context) that entered this manager; other threads calling the same model
+    meanwhile get its normal output.
 
     Args:
         model: a Qwen-Image transformer with a ``pos_embed`` module returning ``(img_freqs, txt_freqs)``.
@@ -98,22 +135,13 @@ def legacy_text_rope(model: nn.Module, txt_seq_len: int, mode: str = "native") -
     pos_embed = getattr(model, "pos_embed", None)
     if not isinstance(pos_embed, nn.Module):
         raise ValueError(f"model must have a `pos_embed` RoPE module, got {type(pos_embed).__name__}")
-    # An instance attribute shadows the class method; remember whether one was there already.
-    had_own_forward = "forward" in vars(pos_embed)
-    original = pos_embed.forward
-
-    def forward(*args, **kwargs):
-        img_freqs, txt_freqs = original(*args, **kwargs)
-        return img_freqs, legacy_txt_freqs(txt_freqs, txt_seq_len, mode)
-
-    pos_embed.forward = forward
+    _acquire_hook(pos_embed)
+    token = _ACTIVE.set({**_ACTIVE.get(), id(pos_embed): (txt_seq_len, mode)})
     try:
         yield model
     finally:
-        if had_own_forward:
-            pos_embed.forward = original
-        else:
-            del pos_embed.forward
+        _ACTIVE.reset(token)
+        _release_hook(pos_embed)
 
 
 def legacy_forward(model: nn.Module, mode: str = "native", **forward_kwargs):

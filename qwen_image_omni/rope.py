@@ -8,11 +8,14 @@ row does not depend on how long the table is and extending it keeps the rows dif
 
 Tables are computed once on the CPU (as diffusers does, so CUDA and CPU runs see the same bits)
 and cached per device: a forward pass makes no host-to-device copy once its shapes were seen.
+Under ``torch.compile`` they are computed inside the graph on the target device instead, so
+compiled calls never mutate the caches (no recompiles) and new shapes need no new table.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -44,30 +47,49 @@ def rope_params(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> to
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def normalize_img_shapes(img_shapes) -> list[list[tuple[int, int, int]]]:
-    """Bring ``img_shapes`` to diffusers' canonical form: one list of ``(frame, height, width)`` per sample.
+def _is_dimension(value) -> bool:
+    """An integer grid extent: a Python/NumPy int or a symbolic int under ``torch.compile`` (not a bool)."""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
-    Accepts ``(f, h, w)``, ``[(f, h, w), ...]`` (one sample, several images) and
-    ``[[(f, h, w), ...], ...]`` (per sample), as diffusers' RoPE module does.
+
+def _is_fhw(entry) -> bool:
+    return isinstance(entry, Sequence) and len(entry) == 3 and all(_is_dimension(v) for v in entry)
+
+
+def _fhw(entry) -> tuple[int, int, int]:
+    """One ``(frame, height, width)`` grid, checked positive."""
+    shape = tuple(v if isinstance(v, torch.SymInt) else int(v) for v in entry)
+    if any(v <= 0 for v in shape):
+        raise ValueError(f"`img_shapes` entries must be positive (frame, height, width) grids, got {tuple(entry)}")
+    return shape
+
+
+def normalize_img_shapes(img_shapes) -> list[list[tuple[int, int, int]]]:
+    """Per-sample image shapes, read the way diffusers' Qwen-Image RoPE reads ``img_shapes``.
+
+    * ``(f, h, w)``: one image, for every sample.
+    * ``[(f, h, w), ...]``: one image per sample (diffusers' ControlNet pipelines pass
+      ``[(1, h, w)] * batch``), never one sample with several images.
+    * ``[[(f, h, w), ...], ...]``: per sample, the list of its images (Edit: the target first, then
+      the condition images; Layered: the layers, then the condition image).
+
+    The list may be shorter or longer than the batch: diffusers' pipelines pass one entry per prompt
+    while the latents hold ``prompts x num_images_per_prompt`` rows. Grids must be positive ints.
     """
     if img_shapes is None:
-        raise ValueError("`img_shapes` is required: a list of (frame, height, width) latent-grid shapes per sample, got None")
-
-    def is_fhw(entry) -> bool:
-        return isinstance(entry, Sequence) and len(entry) == 3 and all(isinstance(v, int) for v in entry)
-
-    if is_fhw(img_shapes):
-        return [[tuple(img_shapes)]]
-    if not isinstance(img_shapes, Sequence) or len(img_shapes) == 0:
+        raise ValueError(
+            "`img_shapes` is required: a list of (frame, height, width) latent-grid shapes per sample, got None"
+        )
+    if _is_fhw(img_shapes):
+        return [[_fhw(img_shapes)]]
+    if not isinstance(img_shapes, Sequence) or isinstance(img_shapes, str) or len(img_shapes) == 0:
         raise ValueError(f"`img_shapes` must be a non-empty list of (frame, height, width) shapes, got {img_shapes!r}")
-    if all(is_fhw(e) for e in img_shapes):
-        return [[tuple(e) for e in img_shapes]]
     samples = []
     for sample in img_shapes:
-        if is_fhw(sample):
-            samples.append([tuple(sample)])
-        elif isinstance(sample, Sequence) and sample and all(is_fhw(e) for e in sample):
-            samples.append([tuple(e) for e in sample])
+        if _is_fhw(sample):
+            samples.append([_fhw(sample)])
+        elif isinstance(sample, Sequence) and sample and all(_is_fhw(e) for e in sample):
+            samples.append([_fhw(e) for e in sample])
         else:
             raise ValueError(
                 f"`img_shapes` entries must be (frame, height, width) tuples of ints or lists of them, got {sample!r}"
@@ -100,23 +122,25 @@ class QwenEmbedRope(nn.Module):
         self._text_tables: dict[torch.device, torch.Tensor] = {}
         self._image_freqs: dict[tuple, torch.Tensor] = {}
 
-    def _axis_positions(self, extent: int) -> torch.Tensor:
+    def _axis_positions(self, extent: int, device: torch.device | None) -> torch.Tensor:
         if self.scale_rope:
-            return torch.arange(-(extent - extent // 2), extent // 2)
-        return torch.arange(extent)
+            return torch.arange(-(extent - extent // 2), extent // 2, device=device)
+        return torch.arange(extent, device=device)
 
-    def _entry_freqs(self, index: int, frame: int, height: int, width: int, is_condition: bool) -> torch.Tensor:
-        """Frequencies of one image entry, ``[frame*height*width, D/2]``, on the CPU."""
+    def _entry_freqs(
+        self, index: int, frame: int, height: int, width: int, is_condition: bool, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Frequencies of one image entry, ``[frame*height*width, D/2]``, computed on ``device`` (CPU if None)."""
         if is_condition:
             if frame != 1:
                 raise ValueError(f"the Layered condition image must have frame=1, got frame={frame}")
-            frame_positions = torch.tensor([-1])
+            frame_positions = torch.tensor([-1], device=device)
         else:
-            frame_positions = torch.arange(index, index + frame)
+            frame_positions = torch.arange(index, index + frame, device=device)
         f_dim, h_dim, w_dim = self.axes_dim
         freqs_frame = rope_params(frame_positions, f_dim, self.theta)
-        freqs_height = rope_params(self._axis_positions(height), h_dim, self.theta)
-        freqs_width = rope_params(self._axis_positions(width), w_dim, self.theta)
+        freqs_height = rope_params(self._axis_positions(height, device), h_dim, self.theta)
+        freqs_width = rope_params(self._axis_positions(width, device), w_dim, self.theta)
         grid = (frame, height, width)
         freqs = torch.cat(
             [
@@ -128,17 +152,30 @@ class QwenEmbedRope(nn.Module):
         )
         return freqs.reshape(frame * height * width, -1)
 
+    def _compute_image_freqs(self, shapes: Sequence[tuple[int, int, int]], device: torch.device | None) -> torch.Tensor:
+        last = len(shapes) - 1
+        entries = [
+            self._entry_freqs(i, f, h, w, is_condition=self.layer3d and i == last, device=device)
+            for i, (f, h, w) in enumerate(shapes)
+        ]
+        return torch.cat(entries, dim=0)
+
+    def _compute_text_freqs(self, start: int, length: int, device: torch.device | None) -> torch.Tensor:
+        positions = torch.arange(start, start + length, device=device)
+        return torch.cat([rope_params(positions, dim, self.theta) for dim in self.axes_dim], dim=1)
+
     def image_freqs(self, shapes: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
-        """Concatenated frequencies of all image entries of one sample, cached per (shapes, device)."""
+        """Concatenated frequencies of all image entries of one sample, cached per (shapes, device).
+
+        Under ``torch.compile`` the table is computed in the graph instead (on ``device``): a cache
+        filled inside a compiled call would change what dynamo guards on and recompile every call.
+        """
+        if torch.compiler.is_compiling():
+            return self._compute_image_freqs(shapes, device)
         key = (shapes, self.layer3d, device)
         freqs = self._image_freqs.get(key)
         if freqs is None:
-            last = len(shapes) - 1
-            entries = [
-                self._entry_freqs(i, f, h, w, is_condition=self.layer3d and i == last)
-                for i, (f, h, w) in enumerate(shapes)
-            ]
-            freqs = torch.cat(entries, dim=0).to(device)
+            freqs = self._compute_image_freqs(shapes, None).to(device)
             if len(self._image_freqs) >= _IMAGE_CACHE_SIZE:
                 self._image_freqs.clear()
             self._image_freqs[key] = freqs
@@ -147,14 +184,16 @@ class QwenEmbedRope(nn.Module):
     def text_freqs(self, start: int, length: int, device: torch.device) -> torch.Tensor:
         """Frequencies of text positions ``start .. start + length - 1`` (all three axes), ``[length, D/2]``.
 
-        A view into a per-device table that grows (doubling) when a longer span is asked for.
+        A view into a per-device table that grows (doubling) when a longer span is asked for; under
+        ``torch.compile`` the rows are computed in the graph (see :meth:`image_freqs`).
         """
+        if torch.compiler.is_compiling():
+            return self._compute_text_freqs(start, length, device)
         needed = start + length
         table = self._text_tables.get(device)
         if table is None or table.shape[0] < needed:
             rows = max(_MIN_TEXT_ROWS, 1 << max(needed - 1, 1).bit_length())
-            positions = torch.arange(rows)
-            table = torch.cat([rope_params(positions, dim, self.theta) for dim in self.axes_dim], dim=1).to(device)
+            table = self._compute_text_freqs(0, rows, None).to(device)
             self._text_tables[device] = table
         return table[start:needed]
 
@@ -176,7 +215,8 @@ class QwenEmbedRope(nn.Module):
 
         Args:
             video_fhw: image shapes in any form ``normalize_img_shapes`` accepts. Like diffusers, the
-                first sample's shapes are used for the whole batch (a warning is logged if they differ).
+                first sample's shapes are used for the whole batch (a warning is logged if they differ;
+                the transformer refuses such batches before it gets here).
             device: device of the returned tables (CPU when None).
             max_txt_seq_len: text width, i.e. ``encoder_hidden_states.shape[1]``.
         """
@@ -184,7 +224,7 @@ class QwenEmbedRope(nn.Module):
             raise ValueError("`max_txt_seq_len` must be provided (the text width, encoder_hidden_states.shape[1])")
         samples = normalize_img_shapes(video_fhw)
         shapes = tuple(samples[0])
-        if any(tuple(s) != shapes for s in samples[1:]):
+        if not torch.compiler.is_compiling() and any(tuple(s) != shapes for s in samples[1:]):
             logger.warning(
                 "Batch inference with different image shapes per sample is not supported by Qwen-Image RoPE; "
                 "using the first sample's shapes %s for the whole batch (got %s).",
@@ -192,6 +232,8 @@ class QwenEmbedRope(nn.Module):
                 samples,
             )
         device = torch.device("cpu") if device is None else torch.device(device)
+        # int() of a symbolic width would specialise it under torch.compile; a tensor width is read once.
+        length = max_txt_seq_len if isinstance(max_txt_seq_len, (int, torch.SymInt)) else int(max_txt_seq_len)
         img_freqs = self.image_freqs(shapes, device)
-        txt_freqs = self.text_freqs(self.max_vid_index(shapes), int(max_txt_seq_len), device)
+        txt_freqs = self.text_freqs(self.max_vid_index(shapes), length, device)
         return img_freqs, txt_freqs

@@ -15,6 +15,7 @@ The q/k RMSNorm + RoPE + ``[text, image]`` concatenation of every block goes thr
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any
 
@@ -36,6 +37,10 @@ from diffusers.utils.torch_utils import maybe_allow_in_graph
 
 from .kernels import joint_qk_norm_rope
 from .rope import QwenEmbedRope, normalize_img_shapes
+
+_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# diffusers' layerwise casting stores weights in one dtype and computes in another (its hook's name).
+_LAYERWISE_CASTING_HOOK = "layerwise_casting"
 
 _TXT_SEQ_LENS_WARNED = False
 
@@ -74,6 +79,27 @@ class QwenTimestepProjEmbeddings(nn.Module):
                 raise ValueError("`additional_t_cond` is required when the model has use_additional_t_cond=True")
             conditioning = conditioning + self.addition_t_embedding(addition_t_cond).to(dtype=hidden_states.dtype)
         return conditioning
+
+
+def _ring_degree(parallel_config) -> int:
+    """The ring degree of a diffusers ``ParallelConfig`` (1 without context parallelism)."""
+    cp_config = getattr(parallel_config, "context_parallel_config", None)
+    return 1 if cp_config is None else cp_config.ring_degree
+
+
+def _gather_kv_and_mask(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, parallel_config) -> tuple:
+    """All-gather ``key``/``value`` ``[B, S, H, D]`` (differentiably) and ``mask`` along the sequence over the CP mesh.
+
+    The sequence comes back in rank order, each rank's ``[text, image]`` chunk in turn: the same
+    order for keys, values and mask, which is all attention needs (RoPE is already applied).
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    group = parallel_config.context_parallel_config._flattened_mesh.get_group()
+    key = funcol.all_gather_tensor_autograd(key.contiguous(), gather_dim=1, group=group)
+    value = funcol.all_gather_tensor_autograd(value.contiguous(), gather_dim=1, group=group)
+    mask = funcol.wait_tensor(funcol.all_gather_tensor(mask.contiguous(), gather_dim=mask.ndim - 1, group=group))
+    return key, value, mask
 
 
 def _norm_weight(norm: nn.Module | None, name: str) -> torch.Tensor | None:
@@ -147,6 +173,14 @@ class QwenDoubleStreamAttnProcessor:
         )
         joint_value = torch.cat([txt_value, img_value], dim=1)
 
+        parallel_config = self._parallel_config
+        if attention_mask is not None and _ring_degree(parallel_config) > 1:
+            # diffusers' ring attention applies this rank's mask to every KV chunk it rotates in (wrong
+            # numbers); gather K, V and the mask instead, as its all-gather ring does, and attend locally.
+            joint_key, joint_value, attention_mask = _gather_kv_and_mask(
+                joint_key, joint_value, attention_mask, parallel_config
+            )
+            parallel_config = None
         joint_hidden_states = dispatch_attention_fn(
             joint_query,
             joint_key,
@@ -155,7 +189,7 @@ class QwenDoubleStreamAttnProcessor:
             dropout_p=0.0,
             is_causal=False,
             backend=self._attention_backend,
-            parallel_config=self._parallel_config,
+            parallel_config=parallel_config,
         )
         joint_hidden_states = joint_hidden_states.flatten(2, 3).to(joint_query.dtype)
 
@@ -272,6 +306,89 @@ class QwenImageTransformerBlock(nn.Module):
         return encoder_hidden_states, hidden_states
 
 
+def _check_config(*, out_channels, axes_dims_rope, num_layers, attention_head_dim, **sizes) -> None:
+    """Constructor checks, so a bad config fails here, naming its key, not at the first forward."""
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for name, value in sizes.items():
+        if not is_int(value) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    if not is_int(attention_head_dim) or attention_head_dim < 2 or attention_head_dim % 2:
+        raise ValueError(
+            f"`attention_head_dim` must be a positive even int (RoPE rotates pairs), got {attention_head_dim!r}"
+        )
+    if not is_int(num_layers) or num_layers < 0:
+        raise ValueError(f"`num_layers` must be an int >= 0, got {num_layers!r}")
+    if out_channels is not None and (not is_int(out_channels) or out_channels < 1):
+        raise ValueError(f"`out_channels` must be a positive int or None (= in_channels), got {out_channels!r}")
+    axes = tuple(axes_dims_rope) if isinstance(axes_dims_rope, (list, tuple)) else None
+    if axes is None or len(axes) != 3 or not all(is_int(d) and d > 0 and d % 2 == 0 for d in axes):
+        raise ValueError(
+            f"`axes_dims_rope` must be 3 positive even ints (frame, height, width rotary dims), got {axes_dims_rope!r}"
+        )
+    if sum(axes) != attention_head_dim:
+        raise ValueError(f"`axes_dims_rope` must sum to attention_head_dim={attention_head_dim}, got {axes}")
+
+
+def _compute_dtype(linear: nn.Module, device: torch.device) -> torch.dtype | None:
+    """The dtype ``linear`` multiplies in, or None when that is not known before it runs.
+
+    None under autocast (it casts the input) and for quantized weights (integer storage); the
+    compute dtype of diffusers' layerwise casting when it is enabled.
+    """
+    if torch.is_autocast_enabled(device.type):
+        return None
+    registry = getattr(linear, "_diffusers_hook", None)
+    hook = registry.get_hook(_LAYERWISE_CASTING_HOOK) if registry is not None else None
+    if hook is not None:
+        return hook.compute_dtype
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+        return None
+    return weight.dtype
+
+
+def _timestep_tensor(timestep: object, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``timestep`` as a tensor; a Python number is accepted as one value for the whole batch."""
+    if timestep is None:
+        raise ValueError("`timestep` is required: a tensor of 1 or batch values in [0, 1]")
+    if isinstance(timestep, torch.Tensor):
+        if timestep.dtype == torch.bool or timestep.dtype.is_complex:
+            raise TypeError(f"`timestep` must be a real-valued tensor, got {timestep.dtype}")
+        return timestep
+    if isinstance(timestep, numbers.Real) and not isinstance(timestep, bool):
+        return torch.tensor([float(timestep)], device=hidden_states.device)
+    raise TypeError(f"`timestep` must be a torch.Tensor or a number, got {type(timestep).__name__}")
+
+
+def _check_cp_split(parallel_config, text_width: int, image_tokens: int) -> None:
+    """Equal-split context parallelism cuts the text and the image tokens into one part per CP rank."""
+    cp_config = getattr(parallel_config, "context_parallel_config", None)
+    if cp_config is None or getattr(cp_config, "ulysses_anything", False) or getattr(cp_config, "ring_anything", False):
+        return
+    ranks = cp_config.ring_degree * cp_config.ulysses_degree
+    if text_width % ranks:
+        raise ValueError(
+            f"context parallelism over {ranks} ranks needs the text width (encoder_hidden_states.shape[1]) to be "
+            f"divisible by {ranks}, got {text_width}: pad the prompt embeddings and mask the padding"
+        )
+    if image_tokens % ranks:
+        raise ValueError(
+            f"context parallelism over {ranks} ranks needs the image tokens (hidden_states.shape[1]) to be "
+            f"divisible by {ranks}, got {image_tokens}; or use ContextParallelConfig(ulysses_anything=True)"
+        )
+
+
+def _check_activation(name: str, value: object, shape_text: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape {shape_text}, got {type(value).__name__}")
+    if value.dtype not in _ACTIVATION_DTYPES:
+        raise ValueError(f"`{name}` must be float32, float16 or bfloat16, got {value.dtype}")
+    return value
+
+
 class QwenImageTransformer2DModel(
     ModelMixin, ConfigMixin, PeftAdapterMixin, FromOriginalModelMixin, CacheMixin, AttentionMixin
 ):
@@ -346,12 +463,18 @@ class QwenImageTransformer2DModel(
         use_layer3d_rope: bool = False,
     ):
         super().__init__()
+        _check_config(
+            patch_size=patch_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_attention_dim,
+            axes_dims_rope=axes_dims_rope,
+        )
         self.out_channels = out_channels or in_channels
         self.inner_dim = num_attention_heads * attention_head_dim
-        if sum(axes_dims_rope) != attention_head_dim:
-            raise ValueError(
-                f"`axes_dims_rope` must sum to attention_head_dim={attention_head_dim}, got {tuple(axes_dims_rope)}"
-            )
 
         self.pos_embed = QwenEmbedRope(theta=10000, axes_dim=axes_dims_rope, scale_rope=True, layer3d=use_layer3d_rope)
         self.time_text_embed = QwenTimestepProjEmbeddings(self.inner_dim, use_additional_t_cond=use_additional_t_cond)
@@ -389,11 +512,14 @@ class QwenImageTransformer2DModel(
                 f"`encoder_hidden_states_mask` must have shape (batch, text_width)=({batch_size}, {text_width}) "
                 f"to match encoder_hidden_states, got {tuple(mask.shape)}"
             )
-        if mask.dtype.is_floating_point and not torch.compiler.is_compiling():
+        if mask.dtype.is_complex:
+            raise TypeError(f"`encoder_hidden_states_mask` must be bool, integer or float, got {mask.dtype}")
+        if mask.dtype != torch.bool and not torch.compiler.is_compiling():
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise ValueError(
-                    "`encoder_hidden_states_mask` must hold 1 for valid and 0 for padding tokens; a float mask "
-                    "with other values (e.g. an additive 0/-inf mask) is not a keep-mask"
+                    "`encoder_hidden_states_mask` must hold 1 for valid and 0 for padding tokens, got other values "
+                    f"(e.g. {mask[(mask != 0) & (mask != 1)][0].item()}); an additive 0/-inf mask or a -1 padding "
+                    "marker is not a keep-mask"
                 )
         if mask.dtype != torch.bool:
             mask = mask != 0
@@ -401,10 +527,16 @@ class QwenImageTransformer2DModel(
             return None
         return mask
 
-    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep, img_shapes) -> list:
-        """Validate shapes up front; return ``img_shapes`` in per-sample list form."""
+    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep, img_shapes) -> tuple:
+        """Validate the inputs up front; return the image shapes every sample shares.
+
+        Timestep values (flow-matching time in [0, 1]) are checked in eager mode only: the check
+        reads the tensor, which would break a compiled graph.
+        """
+        _check_activation("hidden_states", hidden_states, "(batch, image_tokens, in_channels)")
         if encoder_hidden_states is None:
             raise ValueError("`encoder_hidden_states` is required: (batch, text_width, joint_attention_dim), got None")
+        _check_activation("encoder_hidden_states", encoder_hidden_states, "(batch, text_width, joint_attention_dim)")
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.config.in_channels:
             raise ValueError(
                 f"`hidden_states` must have shape (batch, image_tokens, in_channels={self.config.in_channels}), "
@@ -422,35 +554,108 @@ class QwenImageTransformer2DModel(
                 f"`encoder_hidden_states` batch must equal hidden_states batch={batch_size}, "
                 f"got {encoder_hidden_states.shape[0]}"
             )
-        if timestep is None:
-            raise ValueError("`timestep` is required: a tensor of 1 or batch values")
+        compute_dtype = _compute_dtype(self.img_in, hidden_states.device)
+        if compute_dtype is not None and compute_dtype not in _ACTIVATION_DTYPES:
+            raise ValueError(
+                f"the model computes in {compute_dtype}; QwenImageTransformer2DModel runs in float32, float16 or "
+                "bfloat16 (e.g. model.to(torch.float32))"
+            )
+        if compute_dtype is not None and hidden_states.dtype != compute_dtype:
+            raise ValueError(
+                f"`hidden_states` must have the model's dtype {compute_dtype} (img_in computes in it), got "
+                f"{hidden_states.dtype}; cast the latents or run under torch.autocast"
+            )
         if timestep.ndim > 1 or timestep.numel() not in (1, batch_size):
             raise ValueError(
                 f"`timestep` must hold 1 or batch={batch_size} values (shape (1,) or ({batch_size},)), "
                 f"got shape {tuple(timestep.shape)}"
             )
-        samples = normalize_img_shapes(img_shapes)
-        if len(samples) not in (1, batch_size):
+        if not torch.compiler.is_compiling() and not bool(((timestep >= 0) & (timestep <= 1)).all()):
             raise ValueError(
-                f"`img_shapes` must list the image shapes of 1 or batch={batch_size} samples, got {len(samples)}"
+                "`timestep` must be flow-matching time in [0, 1] (diffusers' pipelines pass scheduler.timesteps / "
+                f"1000), got values from {timestep.min().item()} to {timestep.max().item()}"
             )
-        for i, sample in enumerate(samples):
-            tokens = sum(math.prod(fhw) for fhw in sample)
-            if tokens != image_tokens:
-                raise ValueError(
-                    f"`img_shapes` sample {i} {sample} covers {tokens} image tokens, but hidden_states has "
-                    f"{image_tokens} (hidden_states.shape[1])"
-                )
-        return samples
+        return self._shared_img_shapes(normalize_img_shapes(img_shapes), image_tokens)
 
     @staticmethod
-    def _modulate_index(samples: list, batch_size: int, image_tokens: int, device: torch.device) -> torch.Tensor:
+    def _shared_img_shapes(samples: list, image_tokens: int) -> tuple:
+        """The image shapes of the batch, as diffusers reads ``img_shapes``: every sample has sample 0's shapes.
+
+        diffusers applies sample 0's RoPE positions to every row (however many entries the list has),
+        which is silently wrong when samples differ; here that is a ``ValueError`` instead.
+        """
+        shapes = tuple(samples[0])
+        for i, sample in enumerate(samples[1:], start=1):
+            if tuple(sample) != shapes:
+                raise ValueError(
+                    f"`img_shapes` sample {i} {list(sample)} differs from sample 0 {list(shapes)}: one batch must "
+                    "share one latent layout (diffusers would silently give every sample sample 0's RoPE "
+                    "positions); run samples with different image shapes in separate batches"
+                )
+        tokens = sum(math.prod(fhw) for fhw in shapes)
+        if tokens != image_tokens:
+            raise ValueError(
+                f"`img_shapes` {list(shapes)} covers {tokens} image tokens per sample, but hidden_states has "
+                f"{image_tokens} (hidden_states.shape[1])"
+            )
+        return shapes
+
+    def _check_additional_t_cond(self, additional_t_cond, batch_size: int) -> torch.Tensor | None:
+        """Layered's per-sample 0/1 condition: required with ``use_additional_t_cond``, refused without it."""
+        if not self.config.use_additional_t_cond:
+            if additional_t_cond is not None:
+                raise ValueError(
+                    "`additional_t_cond` was given, but this model has use_additional_t_cond=False (only "
+                    "Qwen-Image-Layered takes it); pass None"
+                )
+            return None
+        if additional_t_cond is None:
+            raise ValueError("`additional_t_cond` is required when the model has use_additional_t_cond=True")
+        if not isinstance(additional_t_cond, torch.Tensor):
+            raise TypeError(
+                f"`additional_t_cond` must be an integer torch.Tensor of 1 or batch={batch_size} values, "
+                f"got {type(additional_t_cond).__name__}"
+            )
+        if (
+            additional_t_cond.dtype.is_floating_point
+            or additional_t_cond.dtype.is_complex
+            or (additional_t_cond.dtype == torch.bool)
+        ):
+            raise TypeError(f"`additional_t_cond` must be an integer tensor (0 or 1), got {additional_t_cond.dtype}")
+        if additional_t_cond.ndim != 1 or additional_t_cond.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"`additional_t_cond` must have shape (1,) or (batch={batch_size},), "
+                f"got {tuple(additional_t_cond.shape)}"
+            )
+        if not torch.compiler.is_compiling() and not bool(((additional_t_cond == 0) | (additional_t_cond == 1)).all()):
+            raise ValueError(f"`additional_t_cond` values must be 0 or 1, got {additional_t_cond.tolist()}")
+        return additional_t_cond
+
+    def _check_controlnet_block_samples(self, samples, batch_size: int, image_tokens: int) -> None:
+        """ControlNet residuals: a non-empty list of ``(batch or 1, image_tokens, inner_dim)`` tensors."""
+        if samples is None:
+            return
+        if not isinstance(samples, (list, tuple)) or len(samples) == 0:
+            raise ValueError(
+                "`controlnet_block_samples` must be None or a non-empty list of residuals, one per ControlNet "
+                f"block, got {samples!r}"
+            )
+        expected = (batch_size, image_tokens, self.inner_dim)
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, torch.Tensor):
+                raise TypeError(f"`controlnet_block_samples[{i}]` must be a torch.Tensor, got {type(sample).__name__}")
+            if sample.ndim != 3 or sample.shape[0] not in (1, batch_size) or tuple(sample.shape[1:]) != expected[1:]:
+                raise ValueError(
+                    f"`controlnet_block_samples[{i}]` must have shape (batch={batch_size} or 1, "
+                    f"image_tokens={image_tokens}, inner_dim={self.inner_dim}), got {tuple(sample.shape)}"
+                )
+
+    @staticmethod
+    def _modulate_index(shapes: tuple, batch_size: int, image_tokens: int, device: torch.device) -> torch.Tensor:
         """Per-token 0 (target image) / 1 (condition images) for Edit-Plus ``zero_cond_t``, shape (batch, tokens)."""
-        if len(samples) == 1:
-            samples = samples * batch_size
         positions = torch.arange(image_tokens, device=device)
-        rows = [(positions >= math.prod(sample[0])).to(torch.int) for sample in samples]
-        return torch.stack(rows)
+        row = (positions >= math.prod(shapes[0])).to(torch.int)
+        return row.expand(batch_size, image_tokens)
 
     @apply_lora_scale("attention_kwargs")
     def forward(
@@ -465,8 +670,7 @@ class QwenImageTransformer2DModel(
         controlnet_block_samples: list[torch.Tensor] | None = None,
         additional_t_cond: torch.Tensor | None = None,
         return_dict: bool = True,
-        *,
-        txt_seq_lens: Any = None,
+        **legacy_kwargs: Any,
     ) -> torch.Tensor | Transformer2DModelOutput:
         """Denoise one step.
 
@@ -483,35 +687,54 @@ class QwenImageTransformer2DModel(
             controlnet_block_samples (*optional*): ControlNet residuals added to the image stream after blocks.
             additional_t_cond (`torch.Tensor`, *optional*): Layered's additional condition (0/1 per sample).
             return_dict (`bool`, defaults to True): return a `Transformer2DModelOutput` instead of a tuple.
-            txt_seq_lens: deprecated vllm-omni argument; accepted, ignored, warned once (FutureWarning).
+            **legacy_kwargs: only `txt_seq_lens`, the deprecated vllm-omni argument: accepted, ignored, warned
+                once (FutureWarning). It is not a named parameter so that diffusers' modular pipelines, which pass
+                every field the forward signature names, do not send it.
 
         Returns:
             `Transformer2DModelOutput` with `sample` of shape `(batch, image_tokens, patch_size**2 * out_channels)`,
             or a 1-tuple when `return_dict=False`.
         """
-        if txt_seq_lens is not None:
+        if legacy_kwargs.pop("txt_seq_lens", None) is not None:
             _warn_txt_seq_lens_ignored()
+        if legacy_kwargs:
+            raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(sorted(legacy_kwargs))}")
         if guidance is not None:
             raise ValueError(
                 "`guidance` must be None: Qwen-Image transformers have no guidance embedding "
                 "(use true CFG in the pipeline instead)"
             )
-        samples = self._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes)
+        timestep = _timestep_tensor(timestep, hidden_states)
+        shapes = self._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes)
         batch_size, image_tokens = hidden_states.shape[:2]
         text_width = encoder_hidden_states.shape[1]  # the text RoPE length: the tensor's own width
         encoder_hidden_states_mask = self._text_attention_mask(encoder_hidden_states_mask, batch_size, text_width)
+        _check_cp_split(self._parallel_config, text_width, image_tokens)
+        additional_t_cond = self._check_additional_t_cond(additional_t_cond, batch_size)
+        self._check_controlnet_block_samples(controlnet_block_samples, batch_size, image_tokens)
+        if encoder_hidden_states_mask is not None:
+            # Padding columns never reach a valid output through attention, except as 0 * value: NaN or
+            # Inf there (a collation into torch.empty) would poison every token. Zero them; finite
+            # padding gives the same bits either way.
+            encoder_hidden_states = encoder_hidden_states.masked_fill(~encoder_hidden_states_mask.unsqueeze(-1), 0)
 
-        hidden_states = self.img_in(hidden_states)
+        # Linear's 3-D output is a view of its 2-D result. Regional torch.compile with dynamic shapes
+        # guards on an input's view base, so block 0 (a view) and the others (not views) would compile
+        # twice; a copy of the block inputs (tiny next to the blocks) keeps one graph for all blocks.
+        hidden_states = self.img_in(hidden_states).clone()
         timestep = timestep.reshape(-1).to(hidden_states.dtype)
         if self.zero_cond_t:
+            if additional_t_cond is not None:  # one condition per conditioning row, both halves
+                timestep = timestep.expand(batch_size)
+                additional_t_cond = additional_t_cond.expand(batch_size).repeat(2)
             timestep = torch.cat([timestep, timestep * 0], dim=0)
-            modulate_index = self._modulate_index(samples, batch_size, image_tokens, hidden_states.device)
+            modulate_index = self._modulate_index(shapes, batch_size, image_tokens, hidden_states.device)
         else:
             modulate_index = None
 
-        encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states))
+        encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states)).clone()
         temb = self.time_text_embed(timestep, hidden_states, additional_t_cond)
-        image_rotary_emb = self.pos_embed(samples, max_txt_seq_len=text_width, device=hidden_states.device)
+        image_rotary_emb = self.pos_embed([list(shapes)], max_txt_seq_len=text_width, device=hidden_states.device)
 
         for index_block, block in enumerate(self.transformer_blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -50,11 +50,55 @@ def test_tables_are_cached_per_device():
     assert first[1].untyped_storage().data_ptr() == second[1].untyped_storage().data_ptr()
 
 
-def test_normalize_img_shapes_forms_and_errors():
-    assert normalize_img_shapes((1, 2, 3)) == [[(1, 2, 3)]]
-    assert normalize_img_shapes([(1, 2, 3), (1, 4, 4)]) == [[(1, 2, 3), (1, 4, 4)]]
-    assert normalize_img_shapes([[(1, 2, 3)], [(1, 2, 3)]]) == [[(1, 2, 3)], [(1, 2, 3)]]
-    with pytest.raises(ValueError, match="img_shapes.*None"):
-        normalize_img_shapes(None)
-    with pytest.raises(ValueError, match="img_shapes"):
-        normalize_img_shapes([[(1, 2)]])
+@pytest.mark.parametrize(
+    "img_shapes, expected",
+    [
+        ((1, 2, 3), [[(1, 2, 3)]]),  # one image, every sample
+        ([(1, 2, 3), (1, 4, 4)], [[(1, 2, 3)], [(1, 4, 4)]]),  # flat: one image per sample (ControlNet's form)
+        ([[(1, 2, 3)], [(1, 2, 3)]], [[(1, 2, 3)], [(1, 2, 3)]]),  # nested: per sample
+        ([[(1, 2, 3), (1, 4, 4)]], [[(1, 2, 3), (1, 4, 4)]]),  # one sample, two images (Edit)
+        ([[[1, 2, 3]], (1, 2, 3)], [[(1, 2, 3)], [(1, 2, 3)]]),  # lists for tuples, mixed forms
+    ],
+)
+def test_normalize_img_shapes_reads_diffusers_forms(img_shapes, expected):
+    assert normalize_img_shapes(img_shapes) == expected
+
+
+@pytest.mark.parametrize(
+    "img_shapes, message",
+    [
+        (None, r"img_shapes.*None"),
+        ([[(1, 2)]], r"img_shapes` entries"),
+        ([], r"non-empty"),
+        ([(1, -4, -6)], r"positive.*\(1, -4, -6\)"),
+        ([[(1, 4, 4), (0, 2, 2)]], r"positive.*\(0, 2, 2\)"),
+        ([(1, True, 3)], r"img_shapes` entries"),
+    ],
+)
+def test_normalize_img_shapes_errors(img_shapes, message):
+    with pytest.raises(ValueError, match=message):
+        normalize_img_shapes(img_shapes)
+
+
+@pytest.mark.parametrize("img_shapes", [[(1, 4, 6)] * 3, [[(1, 4, 6)]], (1, 4, 6), [[(1, 4, 6)]] * 5])
+def test_flat_nested_short_and_long_lists_give_diffusers_tables(img_shapes):
+    """diffusers reads img_shapes[0] for the whole batch, whatever the list's length and form."""
+    reference = DiffusersRope(10000, AXES, scale_rope=True)
+    ours = QwenEmbedRope(10000, AXES, scale_rope=True)
+    for e, g in zip(
+        reference(img_shapes, max_txt_seq_len=9, device=CPU), ours(img_shapes, max_txt_seq_len=9, device=CPU)
+    ):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("layer3d", [False, True])
+def test_compiled_tables_equal_cached_tables(layer3d):
+    """Under torch.compile the tables are computed in the graph; they are the cached tables' bits."""
+    ours = QwenEmbedRope(10000, AXES, scale_rope=True, layer3d=layer3d)
+    shapes = [[(1, 6, 4), (1, 3, 5), (1, 6, 4)]]
+    expected = ours(shapes, max_txt_seq_len=21, device=CPU)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    got = compiled(shapes, max_txt_seq_len=21, device=CPU)
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)
