@@ -12,6 +12,7 @@ import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageControlNetModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel as DiffusersTransformer,
 )
@@ -95,3 +96,46 @@ def tiny_pipeline() -> QwenImagePipeline:
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+def tiny_vae(input_channels: int = 3, z_dim: int = 4) -> AutoencoderKLQwenImage:
+    """The VAE of :func:`tiny_pipeline` (random weights from the current RNG).
+
+    ``input_channels=4`` is Qwen-Image-Layered's RGBA VAE; its pipeline takes a 4-channel image for latents when
+    ``z_dim`` is 4 too, so Layered needs another ``z_dim`` (and a transformer with ``in_channels = 4 * z_dim``).
+    """
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+        input_channels=input_channels,
+    )
+
+
+def tiny_controlnet(extra_condition_channels: int = 0, seed: int = 0) -> QwenImageControlNetModel:
+    """A 1-block ControlNet for ``tests/tiny.py``'s transformer shapes with :data:`TEXT_DIM` text.
+
+    ``extra_condition_channels=4`` is ControlNet-inpaint's packed mask channel.
+    """
+    torch.manual_seed(seed)
+    controlnet = QwenImageControlNetModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        axes_dims_rope=(8, 12, 12),
+        extra_condition_channels=extra_condition_channels,
+    ).eval()
+    # diffusers zero-initialises the control projections; random ones make the residuals reach the transformer.
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_blocks, controlnet.controlnet_x_embedder]:
+            for param in module.parameters():
+                param.normal_(0.0, 0.05)
+    return controlnet
