@@ -15,6 +15,8 @@ import contextlib
 import gc
 import importlib.util
 import inspect
+import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +58,18 @@ FP32_ATOL = 1e-5
 # bf16/fp16: ours may differ from diffusers by this many times diffusers' own error vs fp32.
 LOW_PRECISION_FACTOR = 2.0
 PROGRESS_DELAY_S = 2.0
+
+# What from_pretrained reads, in the order it looks: one of them must be in the component's folder.
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+)
+TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
+# Config keys without which from_pretrained would silently build diffusers' default (a 60-layer model).
+REQUIRED_CONFIG_KEYS = ("in_channels", "num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim")
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's largest seed
 
 IMPLEMENTATIONS = ("diffusers", "ours", "legacy-native", "legacy-kernel")
 BENCHMARKS = {
@@ -119,17 +133,74 @@ def resolve_transformer_dir(path: str) -> tuple[str, str | None]:
     )
 
 
+def read_json(path: Path, option: str) -> dict:
+    """A JSON object from ``path``; ``ValueError`` naming ``option`` when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{option}: cannot read {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{option}: {path} is not a JSON object")
+    return data
+
+
+def check_weights(folder: Path, names: tuple[str, ...], option: str) -> None:
+    """``ValueError`` naming ``option`` unless ``folder`` holds one of the weight files ``names``."""
+    if not any((folder / name).is_file() for name in names):
+        raise ValueError(f"{option}: {folder} holds no weights; expected one of {', '.join(names)}")
+
+
+def check_transformer_folder(folder: Path, option: str) -> dict:
+    """The config of a Qwen-Image transformer folder, checked before any (slow) load.
+
+    Raises:
+        ValueError: naming ``option``: ``config.json`` unreadable or not a JSON object, naming
+            another class, lacking a size or holding one that is not a positive int; no weights.
+    """
+    config_path = folder / "config.json"
+    config = read_json(config_path, option)
+    class_name = config.get("_class_name", TRANSFORMER_CLASS)
+    if class_name != TRANSFORMER_CLASS:
+        raise ValueError(f"{option}: {config_path} is the config of a {class_name!r}, not of a {TRANSFORMER_CLASS}")
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f"{option}: {config_path} lacks {', '.join(missing)}; not a {TRANSFORMER_CLASS} config")
+    for key in REQUIRED_CONFIG_KEYS:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{option}: {config_path}: {key} must be a positive int, got {value!r}")
+    check_weights(folder, DIFFUSERS_WEIGHTS, option)
+    return config
+
+
+def summarize(error: BaseException, lines: int = 2) -> str:
+    """The first ``lines`` lines of an error message on one line (a state-dict error lists every tensor)."""
+    text = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    more = f" (and {len(text) - lines} more lines)" if len(text) > lines else ""
+    return " ".join(text[:lines]) + more
+
+
 def pretrained_source(path: str) -> ModelSource:
-    """A checkpoint's transformer in diffusers layout, loaded with ``from_pretrained`` by each class."""
+    """A checkpoint's transformer in diffusers layout, loaded with ``from_pretrained`` by each class.
+
+    Raises:
+        ValueError: ``--model: ...`` for a folder that is no Qwen-Image transformer (see
+            :func:`check_transformer_folder`); later, from ``load``, for weights that do not load.
+    """
     root, subfolder = resolve_transformer_dir(path)
-    config = dict(DiffusersTransformer.load_config(root, subfolder=subfolder))
+    location = str(Path(root) / subfolder) if subfolder else root
+    config = check_transformer_folder(Path(location), "--model")
 
     def load(cls: type, dtype: torch.dtype) -> nn.Module:
         # Explicit, so diffusers does not warn on every load when accelerate is missing.
         low_cpu_mem_usage = is_accelerate_available()
-        return cls.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+        try:
+            return cls.from_pretrained(
+                root, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=low_cpu_mem_usage
+            )
+        except (OSError, RuntimeError, ValueError) as error:  # unreadable weights, or weights not fitting the config
+            raise ValueError(f"--model: cannot load the transformer in {location}: {summarize(error)}") from None
 
-    location = str(Path(root) / subfolder) if subfolder else root
     description = (
         f"{location} ({config['num_layers']} layers, {config['num_attention_heads']} heads x "
         f"{config['attention_head_dim']}, joint_attention_dim {config['joint_attention_dim']})"
@@ -459,6 +530,8 @@ def parse_device(name: str | None) -> torch.device:
         raise ValueError(f"--device: expected a torch device such as cpu or cuda:0, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device: {name!r} requested but torch.cuda.is_available() is False")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
@@ -492,6 +565,28 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed ``torch.Generator.manual_seed`` takes, an integer in ``[0, 2**64 - 1]``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` parse as floats but scale nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -594,9 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate_parser.add_argument("--width", type=positive_int, help=size_help)
     generate_parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default: 50)")
     generate_parser.add_argument(
-        "--true-cfg-scale", type=float, metavar="SCALE", help="CFG scale with --negative-prompt (default: 4.0)"
-    )
-    generate_parser.add_argument("--seed", type=int, help="noise seed (default: random, printed)")
+        "--true-cfg-scale", type=finite_float, metavar="SCALE",
+        help="CFG scale with --negative-prompt, above 1 (default: 4.0)",
+    )  # fmt: skip
+    generate_parser.add_argument("--seed", type=seed, help="noise seed in [0, 2**64 - 1] (default: random, printed)")
     generate_parser.add_argument("--dtype", choices=DTYPES, help="default: bf16 on cuda, fp32 on cpu")
     generate_parser.add_argument("--device", help="default: cuda when available, else cpu")
     generate_parser.set_defaults(func=generate)
@@ -614,7 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``qwen-image-omni``; returns the exit status (2 for usage errors)."""
+    """Run ``qwen-image-omni``; returns the exit status (2 for usage errors).
+
+    A bad argument argparse cannot see (a checkpoint that does not load, a size that does not fit)
+    is one line on stderr, ``qwen-image-omni COMMAND: error: ...``, as argparse words its own.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -623,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as error:
-        print(f"qwen-image-omni: error: {error}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

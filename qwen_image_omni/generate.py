@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import random
@@ -27,6 +26,7 @@ from diffusers import QwenImagePipeline
 from diffusers.utils import is_accelerate_available
 from packaging.version import Version
 
+from .cli import DIFFUSERS_WEIGHTS, check_transformer_folder, check_weights, read_json, summarize
 from .transformer import QwenImageTransformer2DModel
 
 PIPELINE_CLASS = "QwenImagePipeline"
@@ -39,17 +39,13 @@ DEFAULT_VAE_STAGES = 3
 PATCH_SIZE = 2
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (torch_dtype still works, with a FutureWarning).
 DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-
-
-def read_json(path: Path, option: str) -> dict:
-    """A JSON object from ``path``; ``ValueError`` naming ``option`` when it is unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{option}: cannot read {path}: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{option}: {path} is not a JSON object")
-    return data
+# What transformers' from_pretrained reads for the text encoder: one of them must be there.
+TRANSFORMERS_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_checkpoint(path: str) -> Path:
@@ -57,7 +53,9 @@ def check_checkpoint(path: str) -> Path:
 
     Raises:
         ValueError: ``--model: ...`` when the path is missing or not a directory, has no
-            ``model_index.json``, names another pipeline class, or lacks a component folder.
+            ``model_index.json``, names another pipeline class, lacks a component folder, its
+            transformer config is invalid (:func:`~qwen_image_omni.cli.check_transformer_folder`),
+            or the transformer, VAE or text encoder has no weights file.
     """
     root = Path(path)
     if not root.exists():
@@ -90,6 +88,9 @@ def check_checkpoint(path: str) -> Path:
         )
     if not (root / "transformer" / "config.json").is_file():
         raise ValueError(f"--model: {path!r} holds no transformer/config.json")
+    check_transformer_folder(root / "transformer", "--model")
+    check_weights(root / "vae", DIFFUSERS_WEIGHTS, "--model")
+    check_weights(root / "text_encoder", TRANSFORMERS_WEIGHTS, "--model")
     return root
 
 
@@ -139,8 +140,8 @@ def true_cfg_scale(negative_prompt: str | None, scale: float | None) -> float:
     """The scale passed to the pipeline: 1 (no CFG) without a negative prompt, else ``scale`` or 4.
 
     Raises:
-        ValueError: ``--true-cfg-scale`` above 1 without ``--negative-prompt``, which diffusers would
-            silently run without guidance.
+        ValueError: ``--true-cfg-scale`` above 1 without ``--negative-prompt``, or at most 1 with
+            it: either way diffusers would silently run without guidance.
     """
     if negative_prompt is None:
         if scale is not None and scale > 1:
@@ -149,6 +150,11 @@ def true_cfg_scale(negative_prompt: str | None, scale: float | None) -> float:
                 "(Qwen-Image's examples use --negative-prompt ' ')"
             )
         return 1.0
+    if scale is not None and scale <= 1:
+        raise ValueError(
+            f"--true-cfg-scale: must be above 1 with --negative-prompt, got {scale:g}; at or below 1 diffusers "
+            "ignores the negative prompt and runs without guidance"
+        )
     return DEFAULT_TRUE_CFG_SCALE if scale is None else scale
 
 
@@ -178,13 +184,20 @@ def load_pipeline(root: Path, dtype: torch.dtype, device: torch.device) -> QwenI
 
     Our transformer takes the checkpoint's ``transformer/`` weights; the other components are the
     classes ``model_index.json`` names. All loads are ``local_files_only``.
+
+    Raises:
+        ValueError: ``--model: cannot load ...`` when a component's files do not load (unreadable,
+            corrupt, or weights that do not fit the config).
     """
     # Explicit, so diffusers does not warn on every load when accelerate is missing.
     low_cpu_mem_usage = is_accelerate_available()
     options = {DTYPE_KWARG: dtype, "local_files_only": True, "low_cpu_mem_usage": low_cpu_mem_usage}
-    transformer = QwenImageTransformer2DModel.from_pretrained(root, subfolder="transformer", **options)
-    with _our_transformer_accepted():
-        pipeline = QwenImagePipeline.from_pretrained(root, transformer=transformer, **options)
+    try:
+        transformer = QwenImageTransformer2DModel.from_pretrained(root, subfolder="transformer", **options)
+        with _our_transformer_accepted():
+            pipeline = QwenImagePipeline.from_pretrained(root, transformer=transformer, **options)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise ValueError(f"--model: cannot load {root}: {summarize(error)}") from None
     return pipeline.to(device)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel as DiffusersTransformer
@@ -177,9 +180,70 @@ def test_check_model_on_saved_checkpoint(tmp_path, capsys, layout):
 
 def test_check_rejects_bad_model_and_device(tmp_path, capsys):
     assert cli.main(["check", "--model", str(tmp_path)]) == 2
-    assert "--model: expected a diffusers checkpoint directory" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("qwen-image-omni check: error: --model: expected a diffusers checkpoint")
     assert cli.main(["check", "--device", "banana"]) == 2
-    assert "--device: expected a torch device" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "qwen-image-omni check: error: --device: expected a torch device such as cpu or cuda:0, got 'banana'\n"
+    )
+
+
+def test_device_ordinal_past_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli.parse_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"^--device: 'cuda:2' requested but only 2 CUDA device\(s\) are visible$"):
+        cli.parse_device("cuda:2")
+
+
+@pytest.fixture(scope="module")
+def saved_transformer(tmp_path_factory):
+    """A saved tiny transformer folder (config.json + weights) to break in copies."""
+    path = tmp_path_factory.mktemp("tiny-transformer") / "transformer"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        DiffusersTransformer(**cli.TINY_CONFIG).save_pretrained(path)
+    return path
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda f: (f / "diffusion_pytorch_model.safetensors").unlink(),
+         "--model: {f} holds no weights; expected one of diffusion_pytorch_model.safetensors, "
+         "diffusion_pytorch_model.safetensors.index.json, diffusion_pytorch_model.bin, "
+         "diffusion_pytorch_model.bin.index.json"),
+        (lambda f: (f / "config.json").write_text("{not json"), "--model: cannot read {f}/config.json: Expecting"),
+        (lambda f: (f / "config.json").write_text("[1, 2]"), "--model: {f}/config.json is not a JSON object"),
+        (lambda f: (f / "config.json").write_text('{"num_layers": 2}'),
+         "--model: {f}/config.json lacks in_channels, attention_head_dim, num_attention_heads, joint_attention_dim; "
+         "not a QwenImageTransformer2DModel config"),
+        (lambda f: _edit_config(f, num_attention_heads=0),
+         "--model: {f}/config.json: num_attention_heads must be a positive int, got 0"),
+        (lambda f: _edit_config(f, joint_attention_dim=True),
+         "--model: {f}/config.json: joint_attention_dim must be a positive int, got True"),
+        (lambda f: (f / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage"),
+         "--model: cannot load the transformer in {f}: Unable to load weights from checkpoint file"),
+        (lambda f: _edit_config(f, num_attention_heads=2),
+         "--model: cannot load the transformer in {f}: Error(s) in loading state_dict for "),
+    ],
+    ids=["no-weights", "bad-json", "json-list", "missing-keys", "zero-heads", "bool-dim", "corrupt-weights",
+         "weights-not-fitting-config"],
+)  # fmt: skip
+def test_check_model_broken_checkpoint_is_one_clear_line(saved_transformer, tmp_path, capsys, break_it, message):
+    folder = tmp_path / "transformer"
+    shutil.copytree(saved_transformer, folder)
+    break_it(folder)
+    for path in (tmp_path, folder):  # a pipeline directory, or the transformer folder itself
+        assert cli.main(["check", "--model", str(path), "--device", "cpu"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"qwen-image-omni check: error: {message.format(f=folder)}"), captured.err
+        assert captured.err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- bench

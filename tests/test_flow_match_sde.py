@@ -380,12 +380,127 @@ def test_other_bad_arguments():
     x, v, prev = inputs()
     with pytest.raises(ValueError, match="No step index yet"):
         scheduler.sample_previous_step(x, v)
-    with pytest.raises(ValueError, match="noise_level must be >= 0"):
-        scheduler.step(v, scheduler.timesteps[0], x, noise_level=-0.1)
     with pytest.raises(ValueError, match="`prev_sample` has shape"):
         scheduler.step(v, scheduler.timesteps[0], x, prev_sample=prev[:, :2])
     with pytest.raises(ValueError, match="integer indices"):
         scheduler.step(v, 0, x)
+    with pytest.raises(TypeError, match="^`sample` must be a torch.Tensor, got list$"):
+        scheduler.sample_previous_step(x.tolist(), v, timestep=scheduler.timesteps[0])
+
+
+@pytest.mark.parametrize(
+    ("noise_level", "sde_type", "error", "message"),
+    [
+        (float("nan"), "sde", ValueError, "`noise_level` must be a finite number >= 0.0, got nan"),
+        (float("inf"), "dance_sde", ValueError, "`noise_level` must be a finite number >= 0.0, got inf"),
+        (-0.1, "sde", ValueError, "`noise_level` must be a finite number >= 0.0, got -0.1"),
+        (3.0, "cps", ValueError, r"`noise_level` must be <= 1 for sde_type='cps' \(its noise std is sigma' \* sin"),
+        (torch.tensor(0.7), "sde", TypeError, "`noise_level` must be a number, got Tensor"),
+        (True, "sde", TypeError, "`noise_level` must be a number, got bool True"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["step", "sample_previous_step"])
+def test_bad_noise_level_is_rejected_before_any_output(noise_level, sde_type, error, message, entry):
+    scheduler = qwen_image_scheduler()
+    x, v, _ = inputs()
+    with pytest.raises(error, match=f"^{message}"):
+        if entry == "step":
+            scheduler.step(v, scheduler.timesteps[0], x, noise_level=noise_level, sde_type=sde_type)
+        else:
+            scheduler.sample_previous_step(x, v, timestep=scheduler.timesteps[0], noise_level=noise_level,
+                                           sde_type=sde_type)  # fmt: skip
+
+
+def test_cps_noise_level_one_is_accepted():
+    scheduler = qwen_image_scheduler()
+    x, v, _ = inputs()
+    _, log_prob, _, std = scheduler.sample_previous_step(
+        x, v, timestep=scheduler.timesteps[1], noise_level=1.0, sde_type="cps"
+    )
+    assert torch.isfinite(log_prob).all()
+    assert_close(std, scheduler.sigmas[2].double())  # sigma' * sin(pi / 2)
+
+
+def test_scalar_timestep_not_in_the_schedule():
+    scheduler = qwen_image_scheduler()
+    x, v, _ = inputs()
+    for timestep in (123.456, torch.tensor(123.456)):
+        with pytest.raises(ValueError, match=r"^`timestep` values \[123.45\d+\] are not in scheduler.timesteps"):
+            scheduler.step(v, timestep, x)
+        assert scheduler.step_index is None
+
+
+def test_scalar_timestep_must_be_the_current_step():
+    scheduler = qwen_image_scheduler()
+    x, v, _ = inputs()
+    scheduler.step(v, scheduler.timesteps[0], x)
+    expected = scheduler.timesteps[1].item()
+    with pytest.raises(ValueError, match=rf"^`timestep` {scheduler.timesteps[0].item()} is not the current step's: "
+                                         rf"scheduler.timesteps\[1\] = {expected}; pass the timesteps in order"):
+        scheduler.step(v, scheduler.timesteps[0], x)
+    assert scheduler.step_index == 1
+    scheduler.step(v, expected, x)  # a Python float of the right value is fine
+    assert scheduler.step_index == 2
+
+
+def test_step_past_the_end_of_the_schedule():
+    scheduler = qwen_image_scheduler()
+    x, v, _ = inputs()
+    for timestep in scheduler.timesteps:
+        x = scheduler.step(v, timestep, x).prev_sample
+    message = rf"^all {NUM_STEPS} steps of the schedule are taken \(step_index={NUM_STEPS}\); call `set_timesteps`"
+    with pytest.raises(ValueError, match=message):
+        scheduler.step(v, scheduler.timesteps[-1], x)
+    with pytest.raises(ValueError, match=message):
+        scheduler.sample_previous_step(x, v)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / NUM_STEPS, NUM_STEPS), mu=qwen_image_mu(1024))
+    assert scheduler.step_index is None
+    assert torch.isfinite(scheduler.step(v, scheduler.timesteps[0], x).log_prob).all()
+
+
+@pytest.mark.parametrize("entry", ["step", "sample_previous_step", "step_per_sample"])
+def test_no_steps_before_set_timesteps(entry):
+    scheduler = FlowMatchSDEDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG)
+    x, v, _ = inputs()
+    timestep = scheduler.timesteps[0]
+    with pytest.raises(ValueError, match="^the scheduler has no inference schedule yet: call `set_timesteps` first$"):
+        if entry == "step":
+            scheduler.step(v, timestep, x)
+        elif entry == "step_per_sample":
+            scheduler.step(v, timestep.expand(SHAPE[0]), x)
+        else:
+            scheduler.sample_previous_step(x, v, timestep=timestep)
+
+
+@pytest.mark.parametrize(
+    ("generator", "error", "message"),
+    [
+        ([torch.Generator()] * 2, ValueError,
+         r"^`generator` must be a single torch.Generator or a list of one per sample \(3\), got a list of 2$"),
+        ([torch.Generator()] * 4, ValueError, r"one per sample \(3\), got a list of 4$"),
+        ([], ValueError, r"one per sample \(3\), got a list of 0$"),
+        ([torch.Generator(), 0, torch.Generator()], TypeError,
+         "^`generator` must be a list of torch.Generator, got one holding int$"),
+        (7, TypeError, "^`generator` must be a torch.Generator, a list of them or None, got int$"),
+    ],
+)  # fmt: skip
+def test_bad_generators(generator, error, message):
+    scheduler = qwen_image_scheduler()
+    x, v, _ = inputs()
+    with pytest.raises(error, match=message):
+        scheduler.sample_previous_step(x, v, timestep=scheduler.timesteps[0], generator=generator)
+
+
+def test_generator_list_draws_each_sample_from_its_own_generator():
+    scheduler = qwen_image_scheduler()
+    x, v, _ = inputs()
+    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]
+    prev, _, mean, std_dev_t = scheduler.sample_previous_step(x, v, timestep=scheduler.timesteps[2],
+                                                              generator=generators)  # fmt: skip
+    dt = scheduler.sigmas[3] - scheduler.sigmas[2]
+    for i, seed in enumerate((1, 2, 3)):
+        noise = torch.randn(SHAPE[1:], generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(prev[i], mean[i] + std_dev_t[i] * torch.sqrt(-dt) * noise)
 
 
 # ---- config, loading, a Qwen-Image schedule ---------------------------------------------------

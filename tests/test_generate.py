@@ -6,6 +6,7 @@ The checkpoint is built by ``tests/tiny_checkpoint.py``.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel as Diffuser
 from PIL import Image
 
 from qwen_image_omni import QwenImageTransformer2DModel
-from qwen_image_omni.cli import main
+from qwen_image_omni.cli import finite_float, main, seed
 from qwen_image_omni.generate import load_pipeline
 
 from .tiny_checkpoint import TEXT_DIM
@@ -75,9 +76,30 @@ def test_generate_matches_diffusers_pipeline_with_cfg(checkpoint, tmp_path):
 
 
 def assert_usage_error(argv, capsys, message):
-    """``main(argv)`` exits 2 and prints ``qwen-image-omni: error: <message>...`` to stderr."""
+    """``main(argv)`` returns 2, its last stderr line ``qwen-image-omni generate: error: <message>...``, no traceback."""
     assert main(argv) == 2
-    assert capsys.readouterr().err.startswith(f"qwen-image-omni: error: {message}")
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    # A load failure comes after the settings line and diffusers' loading progress bars.
+    assert "Traceback" not in err and sum(": error: " in line for line in lines) == 1, err
+    assert lines[-1].startswith(f"qwen-image-omni generate: error: {message}"), err
+    return err
+
+
+def assert_argparse_error(argv, capsys, message):
+    """argparse rejects ``argv`` (exit 2) with ``qwen-image-omni generate: error: <message>`` as its last line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"qwen-image-omni generate: error: {message}"
+
+
+def broken_copy(checkpoint, tmp_path, break_it):
+    """A copy of the tiny checkpoint with ``break_it(root)`` applied."""
+    root = tmp_path / "broken"
+    shutil.copytree(checkpoint, root)
+    break_it(root)
+    return root
 
 
 def test_missing_model_path(tmp_path, capsys):
@@ -114,3 +136,67 @@ def test_size_must_be_a_multiple_of_16(checkpoint, tmp_path, capsys):
 def test_true_cfg_scale_needs_a_negative_prompt(checkpoint, tmp_path, capsys):
     argv = generate_argv(checkpoint, tmp_path / "x.png", "--true-cfg-scale", "5")
     assert_usage_error(argv, capsys, "--true-cfg-scale: ")
+
+
+def test_true_cfg_scale_at_most_1_with_a_negative_prompt(checkpoint, tmp_path, capsys):
+    argv = generate_argv(checkpoint, tmp_path / "x.png", "--negative-prompt", " ", "--true-cfg-scale", "1")
+    err = assert_usage_error(argv, capsys, "--true-cfg-scale: must be above 1 with --negative-prompt, got 1; ")
+    assert "runs without guidance" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])
+def test_true_cfg_scale_must_be_finite(checkpoint, tmp_path, capsys, value):
+    argv = generate_argv(checkpoint, tmp_path / "x.png", "--negative-prompt", " ", f"--true-cfg-scale={value}")
+    assert_argparse_error(argv, capsys, f"argument --true-cfg-scale: expected a finite number, got {value!r}")
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**64), "1.5", "seven"])
+def test_seed_out_of_range_is_rejected_before_the_load(checkpoint, tmp_path, capsys, value):
+    argv = generate_argv(checkpoint, tmp_path / "x.png", "--seed", value)
+    assert_argparse_error(argv, capsys, f"argument --seed: expected an integer in [0, 2**64 - 1], got {value!r}")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_seed_and_scale_types_accept_their_whole_range():
+    assert seed("0") == 0 and seed(str(2**64 - 1)) == 2**64 - 1
+    assert finite_float("4.5") == 4.5 and finite_float("-1e3") == -1000.0
+
+
+def _write(path, text):
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (lambda root: (root / "transformer" / "diffusion_pytorch_model.safetensors").unlink(),
+         "--model: {root}/transformer holds no weights; expected one of diffusion_pytorch_model.safetensors, "),
+        (lambda root: _write(root / "transformer" / "config.json", "{not json"),
+         "--model: cannot read {root}/transformer/config.json: "),
+        (lambda root: _write(root / "transformer" / "config.json", "[1, 2]"),
+         "--model: {root}/transformer/config.json is not a JSON object"),
+        (lambda root: _write(root / "transformer" / "config.json", "{}"),
+         "--model: {root}/transformer/config.json lacks in_channels, num_layers, attention_head_dim, "
+         "num_attention_heads, joint_attention_dim; not a QwenImageTransformer2DModel config"),
+        (lambda root: _write(root / "transformer" / "config.json", json.dumps(
+            {**json.loads((root / "transformer" / "config.json").read_text()), "num_layers": "one"})),
+         "--model: {root}/transformer/config.json: num_layers must be a positive int, got 'one'"),
+        (lambda root: _write(root / "transformer" / "config.json", json.dumps(
+            {**json.loads((root / "transformer" / "config.json").read_text()), "_class_name": "FluxTransformer2DModel"})),
+         "--model: {root}/transformer/config.json is the config of a 'FluxTransformer2DModel', "
+         "not of a QwenImageTransformer2DModel"),
+        (lambda root: (root / "text_encoder" / "model.safetensors").unlink(),
+         "--model: {root}/text_encoder holds no weights; expected one of model.safetensors, "),
+        (lambda root: _write(root / "vae" / "diffusion_pytorch_model.safetensors", "garbage"),
+         "--model: cannot load {root}: Unable to load weights from checkpoint file"),
+        (lambda root: _write(root / "transformer" / "config.json", json.dumps(
+            {**json.loads((root / "transformer" / "config.json").read_text()), "num_attention_heads": 1})),
+         "--model: cannot load {root}: Error(s) in loading state_dict for QwenImageTransformer2DModel: size mismatch"),
+    ],
+    ids=["no-transformer-weights", "bad-json", "json-list", "empty-config", "bad-value", "other-class",
+         "no-text-encoder-weights", "corrupt-vae-weights", "weights-not-fitting-config"],
+)  # fmt: skip
+def test_broken_checkpoint_is_one_clear_line(checkpoint, tmp_path, capsys, break_it, message):
+    root = broken_copy(checkpoint, tmp_path, break_it)
+    assert_usage_error(generate_argv(root, tmp_path / "x.png", "--seed", "0"), capsys, message.format(root=root))
+    assert not (tmp_path / "x.png").exists()

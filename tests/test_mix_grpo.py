@@ -14,6 +14,7 @@ from qwen_image_omni.pipelines.qwen_image_mix_grpo import (
     QwenImageMixGRPO,
     QwenImageMixGRPOPipelineWithLogProb,
     mix_grpo_sde_window,
+    pin_sde_window_range,
 )
 
 from .rl_tiny import (
@@ -81,8 +82,14 @@ def test_progressive_window_never_moves_back():
         ({"global_steps": 1.5}, TypeError, "global_steps"),
         ({"sde_window_size": True}, TypeError, "sde_window_size"),
         ({"sample_strategy": "progressive", "iters_per_group": 0}, ValueError, "iters_per_group"),
+        # Options the strategy does not read are checked too.
+        ({"sample_strategy": "random", "iters_per_group": 0}, ValueError, "^`iters_per_group` must be >= 1, got 0$"),
+        ({"sample_strategy": "progressive", "sde_window_seed": -1}, ValueError,
+         "^`sde_window_seed` must be >= 0, got -1$"),
+        ({"sde_window_range": (0.5, 5)}, TypeError, r"^`sde_window_range\[0\]` must be an int, got float 0.5$"),
+        ({"sde_window_size": 2.0}, TypeError, "^`sde_window_size` must be an int, got float 2.0$"),
     ],
-)
+)  # fmt: skip
 def test_window_errors_name_the_argument(kwargs, error, match):
     args = {"sample_strategy": "random", "sde_window_size": 2, "sde_window_range": (0, 5), "global_steps": 0}
     with pytest.raises(error, match=match):
@@ -198,6 +205,23 @@ def test_trainer_recomputes_mix_grpo_rollout(pipes):
         collate(prompt_rows(NEGATIVE_LENGTHS, seed=2), 512),
     )
     assert (max_abs_delta(out.all_log_probs, trainer) <= 1e-5).all()
+
+
+def test_pin_checks_the_schedule_even_without_a_window_size():
+    assert pin_sde_window_range(None, (0, 5)) == (0, 5)
+    assert pin_sde_window_range(2, (0, 5), "progressive", global_steps=1) == (2, 4)
+    with pytest.raises(ValueError, match="^`global_steps` must be >= 0, got -1$"):
+        pin_sde_window_range(None, (0, 5), global_steps=-1)
+    with pytest.raises(TypeError, match="^`iters_per_group` must be an int, got float 1.5$"):
+        pin_sde_window_range(None, (0, 5), iters_per_group=1.5)
+
+
+def test_pipeline_rejects_a_window_past_the_steps(pipes):
+    # The progressive window has slid to (STEPS, STEPS + 2): past the trajectory, on every rank.
+    message = rf"^`sde_window_range` \({STEPS}, {STEPS + 2}\) ends past the trajectory's num_inference_steps={STEPS}"
+    with pytest.raises(ValueError, match=message):
+        _rollout(pipes[0], seed=0, sde_window_size=2, sde_window_range=(0, STEPS + 2), sample_strategy="progressive",
+                 global_steps=10)  # fmt: skip
 
 
 def test_pipeline_rejects_unknown_strategy(pipes):

@@ -383,6 +383,14 @@ def test_config_architecture_errors(tmp_path):
         ({"num_inference_steps": 0}, {}, ValueError, "pipeline.num_inference_steps must be >= 1, got 0"),
         ({"height": -8}, {}, ValueError, "pipeline.height must be >= 1, got -8"),
         ({"width": 512.0}, {}, TypeError, "pipeline.width must be an int, got float 512.0"),
+        (
+            {"height": 500},
+            {},
+            ValueError,
+            r"^pipeline.height must be a multiple of 16 \(VAE scale factor 8 x 2x2 latent patches\), got 500; "
+            "try 496 or 512$",
+        ),
+        ({"width": 8}, {}, ValueError, r"^pipeline.width must be a multiple of 16 .*, got 8; try 16$"),
         ({"num_inference_steps": True}, {}, TypeError, "pipeline.num_inference_steps must be an int, got bool"),
         ({"true_cfg_scale": "4"}, {}, TypeError, "pipeline.true_cfg_scale must be a number, got str '4'"),
         ({"true_cfg_scale": -1.0}, {}, ValueError, "pipeline.true_cfg_scale must be a finite number >= 0.0, got -1.0"),
@@ -390,6 +398,14 @@ def test_config_architecture_errors(tmp_path):
         ({"max_sequence_length": 0}, {}, ValueError, "pipeline.max_sequence_length must be >= 1, got 0"),
         ({}, {"sde_type": "ode"}, ValueError, r"algo.sde_type must be one of \['sde', 'cps', 'dance_sde'\], got 'ode'"),
         ({}, {"noise_level": -0.1}, ValueError, "algo.noise_level must be a finite number >= 0.0, got -0.1"),
+        ({}, {"noise_level": float("nan")}, ValueError, "^algo.noise_level must be a finite number >= 0.0, got nan$"),
+        (
+            {},
+            {"noise_level": 1.5, "sde_type": "cps"},
+            ValueError,
+            r"^algo.noise_level must be <= 1 for sde_type='cps' \(its noise std is sigma' \* sin\(noise_level \* pi / 2\)\), "
+            "got 1.5$",
+        ),
         ({}, {"sde_window_size": 0}, ValueError, "algo.sde_window_size must be >= 1, got 0"),
         ({}, {"sde_window_range": [3]}, ValueError, "algo.sde_window_range must be a pair"),
         ({}, {"sde_window_range": [4, 2]}, ValueError, "start < end, got \\(4, 2\\)"),

@@ -99,6 +99,50 @@ def test_sde_windows():
         sample_sde_window(0, (0, 2), 10)
 
 
+def test_a_window_range_past_the_steps_fails_on_every_draw():
+    # (0, 5) with 4 steps: some draws used to fit and others to fail; now none is drawn.
+    message = r"^`sde_window_range` \(0, 5\) ends past the trajectory's num_inference_steps=4; pass a range with high <= 4$"
+    for seed in range(20):
+        with pytest.raises(ValueError, match=message):
+            sample_sde_window(2, (0, 5), 4, torch.Generator().manual_seed(seed))
+    assert sample_sde_window(2, (2, 4), 4) == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: sample_sde_window(2, (0.5, 4), 4), "^`sde_window_range\\[0\\]` must be an int, got float 0.5$"),
+        (lambda: sample_sde_window(2.0, (0, 4), 4), "^`sde_window_size` must be an int, got float 2.0$"),
+        (lambda: sample_sde_window(2, (0, 4), 4.0), "^`num_steps` must be an int, got float 4.0$"),
+        (lambda: check_sde_window((0, 2.5), 4), "^`sde_window\\[1\\]` must be an int, got float 2.5$"),
+    ],
+)
+def test_window_bounds_must_be_ints_not_floored(call, message):
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "error", "message"),
+    [
+        (72, 64, ValueError, r"^`height` must be a multiple of 16 \(VAE scale factor 8 x 2x2 latent patches\), "
+                             "got 72; try 64 or 80$"),
+        (64, 8, ValueError, r"^`width` must be a multiple of 16 .*, got 8; try 16$"),
+        (0, 64, ValueError, "^`height` must be >= 1, got 0$"),
+        (64.0, 64, TypeError, "^`height` must be an int, got float 64.0$"),
+    ],
+)  # fmt: skip
+def test_image_sizes_must_be_multiples_of_16(height, width, error, message):
+    with pytest.raises(error, match=message):
+        build_img_shapes(height, width, 1)
+
+
+def test_image_size_multiple_follows_the_vae_scale_factor():
+    assert build_img_shapes(96, 64, 2, vae_scale_factor=4) == [[(1, 12, 8)]] * 2
+    with pytest.raises(ValueError, match=r"^`height` must be a multiple of 8 \(VAE scale factor 4 x"):
+        build_img_shapes(100, 64, 1, vae_scale_factor=4)
+
+
 # -- trainer-side adapter --------------------------------------------------------------------------
 
 
@@ -159,6 +203,9 @@ def test_prepare_model_inputs_slices_the_step_and_passes_no_length(pipe):
         ({"micro_batch": {"height": 128, "width": 64}}, "latent tokens"),
         ({"micro_batch": {"height": -8, "width": 64}}, "height"),
         ({"micro_batch": {"height": torch.tensor([64, 128]), "width": 64}}, "one value"),
+        ({"micro_batch": {"height": 72, "width": 64}}, "^`height` must be a multiple of 16 .*, got 72; try 64 or 80$"),
+        ({"micro_batch": {"height": 0, "width": 64}}, "^`height` must be >= 1, got 0$"),
+        ({"step": -1}, "^`step` must be >= 0, got -1$"),
     ],
 )
 def test_prepare_model_inputs_errors_name_the_argument(pipe, change, match):
@@ -178,6 +225,26 @@ def test_prepare_model_inputs_errors_name_the_argument(pipe, change, match):
     }
     with pytest.raises(ValueError, match=match):
         QwenImage.prepare_model_inputs(**{**args, **change})
+
+
+@pytest.mark.parametrize(("step", "message"), [(1.0, "got float 1.0"), (True, "got bool True"),
+                                             (torch.tensor(1), "got Tensor tensor\\(1\\)")])
+def test_step_must_be_an_int(pipe, step, message):
+    latents, timesteps = _trajectory()
+    prompt = collate(prompt_rows(PROMPT_LENGTHS, 1))
+    config = model_config("sde", 1.0)
+    with pytest.raises(TypeError, match=f"^`step` must be an int, {message}$"):
+        QwenImage.prepare_model_inputs(pipe.transformer, config, latents, timesteps, prompt.embeds, prompt.mask,
+                                       None, None, {}, step)  # fmt: skip
+    inputs, _ = QwenImage.prepare_model_inputs(
+        pipe.transformer, config, latents, timesteps, prompt.embeds, prompt.mask, None, None, {}, np.int64(1)
+    )
+    assert torch.equal(inputs["hidden_states"], latents[:, 1])
+    scheduler = QwenImage.build_scheduler(config)
+    with pytest.raises(TypeError, match=f"^`step` must be an int, {message}$"):
+        QwenImage.forward_and_sample_previous_step(
+            pipe.transformer, scheduler, config, inputs, None, {"all_latents": latents, "all_timesteps": timesteps}, step
+        )
 
 
 def test_forward_and_sample_previous_step_errors(pipe):
@@ -227,6 +294,7 @@ def _run(pipe, **kwargs):
         "true_cfg_scale": 4.0,
         "generator": torch.Generator().manual_seed(0),
         "output_type": "latent",
+        "sde_window_range": (0, STEPS),
     }
     return pipe(**{**defaults, **kwargs})
 
@@ -331,11 +399,40 @@ def test_decoded_outputs_with_a_tiny_vae(pipe):
         ({"prompt_embeds": None}, ValueError, "prompt"),
         ({"prompt_token_ids": torch.ones(2, 40, dtype=torch.long), "prompt_embeds": None}, ValueError, "text_encoder"),
         ({"prompt_embeds_mask": torch.ones(2, 3)}, ValueError, "prompt_embeds_mask"),
+        ({"height": 72}, ValueError, "^`height` must be a multiple of 16 .*, got 72; try 64 or 80$"),
+        ({"width": 0}, ValueError, "^`width` must be >= 1, got 0$"),
+        ({"true_cfg_scale": float("nan")}, ValueError, "^`true_cfg_scale` must be a finite number >= 0.0, got nan$"),
+        ({"true_cfg_scale": "4"}, TypeError, "^`true_cfg_scale` must be a number, got str '4'$"),
+        ({"guidance_scale": float("inf")}, ValueError, "^`guidance_scale` must be a finite number >= 0.0, got inf$"),
+        ({"noise_level": float("nan")}, ValueError, "^`noise_level` must be a finite number >= 0.0, got nan$"),
+        ({"noise_level": -1.0}, ValueError, "^`noise_level` must be a finite number >= 0.0, got -1.0$"),
+        ({"noise_level": 1.5, "sde_type": "cps"}, ValueError, "^`noise_level` must be <= 1 for sde_type='cps'"),
+        ({"num_inference_steps": 0}, ValueError, "^`num_inference_steps` must be >= 1, got 0$"),
+        ({"num_inference_steps": 4.0}, TypeError, "^`num_inference_steps` must be an int, got float 4.0$"),
+        ({"sde_window_size": 2, "sde_window_range": (0, 5)}, ValueError,
+         r"^`sde_window_range` \(0, 5\) ends past the trajectory's num_inference_steps=4"),
+        ({"generator": [torch.Generator()] * 3, "latents": torch.zeros(2, 16, 16)}, ValueError,
+         r"^`generator` must be a single torch.Generator or a list of one per sample \(2\), got a list of 3$"),
+        ({"generator": [], "latents": torch.zeros(2, 16, 16)}, ValueError, "got a list of 0$"),
+        ({"max_sequence_length": 0}, ValueError, "^`max_sequence_length` must be >= 1, got 0$"),
     ],
-)
+)  # fmt: skip
 def test_forward_errors_name_the_argument(pipe, kwargs, error, match):
     with pytest.raises(error, match=match):
         _run(pipe, **{**_embeds_kwargs(), **kwargs})
+
+
+def test_rollout_repeats_a_single_negative_prompt_without_a_mask(pipe):
+    negative = collate(prompt_rows(NEGATIVE_LENGTHS[:1], 2))
+    kwargs = {**_embeds_kwargs(cfg=False), "negative_prompt_embeds": negative.embeds, "sde_window_size": 1}
+    with_mask = _run(pipe, **kwargs, negative_prompt_embeds_mask=torch.ones(1, negative.embeds.shape[1]))
+    without = pipe.rollout(
+        with_mask.prompt_embeds, with_mask.prompt_embeds_mask, negative.embeds, None, height=HEIGHT, width=WIDTH,
+        num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), true_cfg_scale=4.0,
+        sde_window_size=1, sde_window_range=(0, STEPS),
+    )  # fmt: skip
+    assert without[4] == with_mask.sde_window
+    assert torch.equal(without[1], with_mask.all_latents) and torch.equal(without[2], with_mask.all_log_probs)
 
 
 def test_pipeline_converts_a_stock_scheduler_and_rejects_others(pipe):

@@ -142,6 +142,23 @@ def test_scalar_timestep_and_trajectory_slicing(module):
     assert run(module, inputs).shape == t["latents"].shape
 
 
+@pytest.mark.parametrize(
+    ("step", "states", "error", "message"),
+    [
+        (1.0, 3, TypeError, "^`step` must be an int, got float 1.0$"),
+        (3, 3, ValueError, r"^`step` must be in \[0, 3\) for `latents` of shape \(4, 3, 4, 8, 8\), got 3$"),
+        (-1, 3, ValueError, "^`step` must be >= 0, got -1$"),
+        (2, 2, ValueError, r"^`step` must be in \[0, 2\) for `timesteps` of shape \(4, 2\), got 2$"),
+    ],
+)
+def test_trajectory_step_must_index_both_tensors(module, step, states, error, message):
+    t = batch_tensors()
+    trajectory = torch.stack([t["latents"]] * 3, dim=1)
+    timesteps = torch.full((BATCH, states), 500.0)
+    with pytest.raises(error, match=message):
+        prepare(module, config(), t, latents=trajectory, timesteps=timesteps, step=step)
+
+
 def test_prompt_width_is_free_and_mask_is_unused(module):
     """Any prompt width fits; the mask is accepted but SD3 attends to every text position."""
     t = batch_tensors(text=9)

@@ -17,35 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import check_image_size, check_int, check_noise_level, check_number
+
 SDE_TYPES: tuple[str, ...] = ("sde", "cps", "dance_sde")
 """Reverse-step variants of ``FlowMatchSDEDiscreteScheduler`` that ``algo.sde_type`` may name."""
 
 _HYDRA_KEYS = frozenset({"_target_"})
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    """Return ``value`` if it is an int (not a bool) ``>= minimum``, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_float(name: str, value: Any, minimum: float) -> float:
-    """Return ``value`` as a float if it is a finite real number ``>= minimum``, else raise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
-    return value
 
 
 def _from_mapping(cls: type, data: Mapping[str, Any], where: str):
@@ -64,8 +46,9 @@ class DiffusionPipelineConfig:
     """Sampling parameters shared by rollout and training.
 
     Args:
-        height: image height in pixels (default 512).
-        width: image width in pixels (default 512).
+        height: image height in pixels, a multiple of 16 (an 8x VAE and 2x2 latent patches, for
+            Qwen-Image and SD3 alike; default 512).
+        width: image width in pixels, a multiple of 16 (default 512).
         num_inference_steps: denoising steps of a rollout trajectory (default 10).
         true_cfg_scale: Qwen-Image's true classifier-free guidance scale; guidance (a second,
             negative-prompt forward) is on only when it is ``> 1`` (default 1.0, off).
@@ -84,13 +67,13 @@ class DiffusionPipelineConfig:
     max_sequence_length: int = 512
 
     def __post_init__(self):
-        self.height = _check_int("pipeline.height", self.height, 1)
-        self.width = _check_int("pipeline.width", self.width, 1)
-        self.num_inference_steps = _check_int("pipeline.num_inference_steps", self.num_inference_steps, 1)
-        self.true_cfg_scale = _check_float("pipeline.true_cfg_scale", self.true_cfg_scale, 0.0)
+        self.height = check_image_size("pipeline.height", self.height)
+        self.width = check_image_size("pipeline.width", self.width)
+        self.num_inference_steps = check_int("pipeline.num_inference_steps", self.num_inference_steps, 1)
+        self.true_cfg_scale = check_number("pipeline.true_cfg_scale", self.true_cfg_scale, 0.0)
         if self.guidance_scale is not None:
-            self.guidance_scale = _check_float("pipeline.guidance_scale", self.guidance_scale, 0.0)
-        self.max_sequence_length = _check_int("pipeline.max_sequence_length", self.max_sequence_length, 1)
+            self.guidance_scale = check_number("pipeline.guidance_scale", self.guidance_scale, 0.0)
+        self.max_sequence_length = check_int("pipeline.max_sequence_length", self.max_sequence_length, 1)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiffusionPipelineConfig:
@@ -103,7 +86,8 @@ class DiffusionAlgoConfig:
     """Parameters of the stochastic (SDE) rollout used by Flow-GRPO-style algorithms.
 
     Args:
-        noise_level: SDE noise magnitude ``eta`` inside the window (default 1.0).
+        noise_level: SDE noise magnitude ``eta`` inside the window, ``>= 0`` (``<= 1`` for
+            ``"cps"``; default 1.0).
         sde_type: reverse-step variant, one of ``"sde"``, ``"cps"``, ``"dance_sde"`` (default ``"sde"``).
         sde_window_size: number of consecutive denoising steps taken stochastically (and trained
             on); ``None`` (default) means the adapter's full window, every step but the last (whose
@@ -119,17 +103,17 @@ class DiffusionAlgoConfig:
     sde_window_range: tuple[int, int] | None = None
 
     def __post_init__(self):
-        self.noise_level = _check_float("algo.noise_level", self.noise_level, 0.0)
         if self.sde_type not in SDE_TYPES:
             raise ValueError(f"algo.sde_type must be one of {list(SDE_TYPES)}, got {self.sde_type!r}")
+        self.noise_level = check_noise_level("algo.noise_level", self.noise_level, self.sde_type)
         if self.sde_window_size is not None:
-            self.sde_window_size = _check_int("algo.sde_window_size", self.sde_window_size, 1)
+            self.sde_window_size = check_int("algo.sde_window_size", self.sde_window_size, 1)
         if self.sde_window_range is not None:
             window_range = self.sde_window_range
             if isinstance(window_range, (str, bytes)) or not hasattr(window_range, "__len__") or len(window_range) != 2:
                 raise ValueError(f"algo.sde_window_range must be a pair (start, end), got {window_range!r}")
-            start = _check_int("algo.sde_window_range[0]", window_range[0], 0)
-            end = _check_int("algo.sde_window_range[1]", window_range[1], 0)
+            start = check_int("algo.sde_window_range[0]", window_range[0], 0)
+            end = check_int("algo.sde_window_range[1]", window_range[1], 0)
             if end <= start:
                 raise ValueError(f"algo.sde_window_range must have start < end, got ({start}, {end})")
             if self.sde_window_size is not None and end - start < self.sde_window_size:

@@ -30,9 +30,10 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from diffusers.utils import BaseOutput
 
 from ..transformer import QwenImageTransformer2DModel
+from .checks import check_image_size, check_int, check_noise_level, check_number, check_step
 from .config import DiffusionAlgoConfig, DiffusionModelConfig, DiffusionPipelineConfig
 from .model_base import DiffusionModelBase, VllmOmniPipelineBase
-from .schedulers.flow_match_sde import SDE_TYPES, FlowMatchSDEDiscreteScheduler
+from .schedulers.flow_match_sde import SDE_TYPES, FlowMatchSDEDiscreteScheduler, check_generator
 from .utils import default_device
 
 __all__ = [
@@ -79,28 +80,17 @@ OUTPUT_TYPES = ("latent", "pt", "pil")
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return int(value)
-
-
 def latent_grid(height: int, width: int, vae_scale_factor: int = QWEN_IMAGE_VAE_SCALE_FACTOR) -> tuple[int, int]:
-    """The packed latent grid ``(rows, cols)`` of an image: ``pixels // vae_scale_factor // 2`` each.
+    """The packed latent grid ``(rows, cols)`` of an image: ``pixels / vae_scale_factor / 2`` each.
 
     Raises:
-        ValueError: if an argument is not a positive int or the grid would be empty.
+        TypeError: an argument is not an int.
+        ValueError: ``height`` or ``width`` is not a positive multiple of ``2 * vae_scale_factor``
+            (diffusers would floor it, silently cropping the image).
     """
-    height = _check_positive_int("height", height)
-    width = _check_positive_int("width", width)
-    vae_scale_factor = _check_positive_int("vae_scale_factor", vae_scale_factor)
-    rows, cols = height // vae_scale_factor // 2, width // vae_scale_factor // 2
-    if rows == 0 or cols == 0:
-        raise ValueError(
-            f"`height` and `width` must be at least {2 * vae_scale_factor} pixels (one 2x2 patch of latents), "
-            f"got {height}x{width}"
-        )
-    return rows, cols
+    height = check_image_size("`height`", height, vae_scale_factor)
+    width = check_image_size("`width`", width, vae_scale_factor)
+    return height // vae_scale_factor // 2, width // vae_scale_factor // 2
 
 
 def build_img_shapes(
@@ -108,7 +98,7 @@ def build_img_shapes(
 ) -> list[list[tuple[int, int, int]]]:
     """``img_shapes`` for the transformer: ``[[(1, rows, cols)]] * batch_size``, as diffusers' pipeline builds it."""
     rows, cols = latent_grid(height, width, vae_scale_factor)
-    return [[(1, rows, cols)]] * _check_positive_int("batch_size", batch_size)
+    return [[(1, rows, cols)]] * check_int("`batch_size`", batch_size, 1)
 
 
 def set_qwen_image_timesteps(
@@ -132,8 +122,8 @@ def set_qwen_image_timesteps(
         device: where the timesteps and sigmas go.
         sigmas: custom sigmas (length N) instead of the linear ones.
     """
-    num_inference_steps = _check_positive_int("num_inference_steps", num_inference_steps)
-    image_seq_len = _check_positive_int("image_seq_len", image_seq_len)
+    num_inference_steps = check_int("`num_inference_steps`", num_inference_steps, 1)
+    image_seq_len = check_int("`image_seq_len`", image_seq_len, 1)
     if sigmas is None:
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     elif len(sigmas) != num_inference_steps:
@@ -170,10 +160,10 @@ def apply_true_cfg(
 
 
 def check_sde_window(sde_window: tuple[int, int], num_steps: int) -> tuple[int, int]:
-    """Validate ``(start, end)``: ``0 <= start < end <= num_steps``; return it as ints."""
+    """Validate ``(start, end)``: ints with ``0 <= start < end <= num_steps``; return it as a tuple."""
     if not isinstance(sde_window, (tuple, list)) or len(sde_window) != 2:
         raise ValueError(f"`sde_window` must be a (start, end) pair, got {sde_window!r}")
-    start, end = int(sde_window[0]), int(sde_window[1])
+    start, end = check_int("`sde_window[0]`", sde_window[0]), check_int("`sde_window[1]`", sde_window[1])
     if not 0 <= start < end <= num_steps:
         raise ValueError(
             f"`sde_window` must satisfy 0 <= start < end <= num_steps={num_steps}, got ({start}, {end})"
@@ -187,7 +177,7 @@ def full_sde_window(num_steps: int) -> tuple[int, int]:
     The last step lands on sigma = 0, where ``"cps"`` has zero noise (no density to train on); this
     is verl-omni's default as well.
     """
-    num_steps = _check_positive_int("num_steps", num_steps)
+    num_steps = check_int("`num_steps`", num_steps, 1)
     return (0, max(1, num_steps - 1))
 
 
@@ -201,25 +191,38 @@ def sample_sde_window(
 
     Args:
         sde_window_size: number of SDE steps W.
-        sde_window_range: ``(low, high)`` envelope the whole window must lie in (``high`` exclusive).
+        sde_window_range: ``(low, high)`` envelope the whole window must lie in (``high`` exclusive,
+            at most ``num_steps``).
         num_steps: number of denoising steps; the window must end at or before it.
         generator: random generator for the draw (the rollout passes its SDE generator).
+
+    Raises:
+        ValueError: a size or range that does not fit, whatever the draw would give.
+        TypeError: a non-int size, bound or step count.
     """
-    size = _check_positive_int("sde_window_size", sde_window_size)
-    low, high = _check_window_range(sde_window_range, size)
+    size = check_int("`sde_window_size`", sde_window_size, 1)
+    low, high = _check_window_range(sde_window_range, size, check_int("`num_steps`", num_steps, 1))
     device = generator.device if generator is not None else "cpu"
     start = int(torch.randint(low, high - size + 1, (1,), generator=generator, device=device).item())
     return check_sde_window((start, start + size), num_steps)
 
 
-def _check_window_range(sde_window_range: tuple[int, int], size: int) -> tuple[int, int]:
+def _check_window_range(sde_window_range: tuple[int, int], size: int, num_steps: int) -> tuple[int, int]:
+    """``(low, high)`` with room for a window of ``size`` steps inside ``[0, num_steps)``."""
     if not isinstance(sde_window_range, (tuple, list)) or len(sde_window_range) != 2:
         raise ValueError(f"`sde_window_range` must be a (low, high) pair, got {sde_window_range!r}")
-    low, high = int(sde_window_range[0]), int(sde_window_range[1])
+    low = check_int("`sde_window_range[0]`", sde_window_range[0])
+    high = check_int("`sde_window_range[1]`", sde_window_range[1])
     if low < 0 or high - low < size:
         raise ValueError(
             f"`sde_window_range` (low, high) must have 0 <= low and high - low >= sde_window_size={size}, "
             f"got ({low}, {high})"
+        )
+    # Checked here, not on the drawn window, so a range past the end fails on every call, not on some draws.
+    if high > num_steps:
+        raise ValueError(
+            f"`sde_window_range` ({low}, {high}) ends past the trajectory's num_inference_steps={num_steps}; "
+            f"pass a range with high <= {num_steps}"
         )
     return low, high
 
@@ -228,6 +231,14 @@ def _check_sde_type(sde_type: str) -> str:
     if sde_type not in SDE_TYPES:
         raise ValueError(f"`sde_type` must be one of {SDE_TYPES}, got {sde_type!r}")
     return sde_type
+
+
+def _check_rollout_scales(true_cfg_scale: Any, guidance_scale: Any, noise_level: Any, sde_type: str) -> None:
+    """A rollout's scales must be finite numbers >= 0: a NaN would silently turn CFG off or give NaN log-probs."""
+    _check_sde_type(sde_type)
+    check_number("`true_cfg_scale`", true_cfg_scale, 0.0)
+    check_number("`guidance_scale`", guidance_scale, 0.0)
+    check_noise_level("`noise_level`", noise_level, sde_type)
 
 
 def _micro_batch_value(micro_batch: Any, key: str) -> Any:
@@ -249,12 +260,10 @@ def _micro_batch_value(micro_batch: Any, key: str) -> Any:
 
 def _select_step(tensor: torch.Tensor, step: int, selected_ndim: int, name: str) -> torch.Tensor:
     """``tensor[:, step]`` for a trajectory (``selected_ndim + 1`` dims), ``tensor`` itself if already selected."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.ndim == selected_ndim + 1:
-        if not 0 <= step < tensor.shape[1]:
-            raise ValueError(
-                f"`step` must be in [0, {tensor.shape[1]}) for `{name}` of shape {tuple(tensor.shape)}, got {step}"
-            )
-        return tensor[:, step]
+        return tensor[:, check_step(step, tensor, name)]
     if tensor.ndim == selected_ndim:
         return tensor
     raise ValueError(
@@ -264,13 +273,14 @@ def _select_step(tensor: torch.Tensor, step: int, selected_ndim: int, name: str)
 
 
 def _match_batch(
-    negative_embeds: torch.Tensor, negative_mask: torch.Tensor, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    negative_embeds: torch.Tensor, negative_mask: torch.Tensor | None, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Repeat a single negative prompt for every sample; any other batch must equal the prompt's."""
     if negative_embeds.shape[0] == batch_size:
         return negative_embeds, negative_mask
     if negative_embeds.shape[0] == 1:
-        return negative_embeds.expand(batch_size, -1, -1), negative_mask.expand(batch_size, -1)
+        expanded_mask = None if negative_mask is None else negative_mask.expand(batch_size, -1)
+        return negative_embeds.expand(batch_size, -1, -1), expanded_mask
     raise ValueError(
         f"the negative prompt must have 1 or batch={batch_size} samples (as the prompt), got {negative_embeds.shape[0]}"
     )
@@ -380,11 +390,12 @@ class QwenImage(DiffusionModelBase):
             negative_prompt_embeds_mask: ``(B, L')`` mask of the negative embeddings, or None.
             micro_batch: mapping (dict / TensorDict) with optional ``height``, ``width`` and
                 ``vae_scale_factor`` (else ``model_config.pipeline.height`` / ``width`` and 8).
-            step: the denoising step index into ``latents`` / ``timesteps``.
+            step: the denoising step index (an int) into ``latents`` / ``timesteps``.
 
         Returns:
             ``(model_inputs, negative_model_inputs)``; the second is None without negative embeddings.
         """
+        step = check_int("`step`", step, 0)
         hidden_states = _select_step(latents, step, 3, "latents")
         timestep = _select_step(timesteps, step, 1, "timesteps")
         dtype = _module_dtype(module)
@@ -508,7 +519,8 @@ class QwenImage(DiffusionModelBase):
             ``(log_prob, prev_sample_mean, std_dev_t, sqrt_dt)``.
         """
         latents, timesteps = cls._trajectory(scheduler_inputs)
-        if not 0 <= step < timesteps.shape[1] or step + 1 >= latents.shape[1]:
+        step = check_int("`step`", step, 0)
+        if step >= timesteps.shape[1] or step + 1 >= latents.shape[1]:
             raise ValueError(
                 f"`step` must be in [0, {timesteps.shape[1]}) with all_latents of {latents.shape[1]} states, got {step}"
             )
@@ -555,9 +567,13 @@ class QwenImage(DiffusionModelBase):
 
     @staticmethod
     def _img_shapes(model_config: DiffusionModelConfig, micro_batch: Any, hidden_states: torch.Tensor) -> list:
-        height = _micro_batch_value(micro_batch, "height") or model_config.pipeline.height
-        width = _micro_batch_value(micro_batch, "width") or model_config.pipeline.width
-        vae_scale_factor = _micro_batch_value(micro_batch, "vae_scale_factor") or QWEN_IMAGE_VAE_SCALE_FACTOR
+        height = _micro_batch_value(micro_batch, "height")
+        width = _micro_batch_value(micro_batch, "width")
+        vae_scale_factor = _micro_batch_value(micro_batch, "vae_scale_factor")
+        # `is None`, not `or`: a height of 0 in the micro-batch is an error, not "use the config's".
+        height = model_config.pipeline.height if height is None else height
+        width = model_config.pipeline.width if width is None else width
+        vae_scale_factor = QWEN_IMAGE_VAE_SCALE_FACTOR if vae_scale_factor is None else vae_scale_factor
         img_shapes = build_img_shapes(height, width, hidden_states.shape[0], vae_scale_factor)
         _, rows, cols = img_shapes[0][0]
         if rows * cols != hidden_states.shape[1]:
@@ -678,8 +694,14 @@ class QwenImageRolloutMixin:
 
         Returns:
             ``(latents, all_latents, all_log_probs, all_timesteps, sde_window)``.
+
+        Raises:
+            ValueError: a size that is not a multiple of ``2 * vae_scale_factor``; a NaN, infinite or
+                negative scale or noise level; an SDE window that does not fit the steps; a generator
+                list whose length is not the batch; mismatched shapes.
+            TypeError: an argument of the wrong type.
         """
-        _check_sde_type(sde_type)
+        _check_rollout_scales(true_cfg_scale, guidance_scale, noise_level, sde_type)
         do_true_cfg = negative_prompt_embeds is not None
         if do_true_cfg:
             negative_prompt_embeds, negative_prompt_embeds_mask = _match_batch(
@@ -687,6 +709,7 @@ class QwenImageRolloutMixin:
             )
         device = prompt_embeds.device
         batch_size = prompt_embeds.shape[0]
+        generator = check_generator(generator, batch_size)
         latents = self._initial_latents(batch_size, height, width, device, generator, latents)
         img_shapes = build_img_shapes(height, width, batch_size, self.vae_scale_factor)
         timesteps = set_qwen_image_timesteps(self.scheduler, num_inference_steps, latents.shape[1], device, sigmas)
@@ -982,14 +1005,17 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
             prompt_mask: attention mask for ``prompt_token_ids`` (all ones when None).
             negative_prompt_ids: token ids of the negative prompt for true CFG.
             negative_prompt_mask: attention mask for ``negative_prompt_ids``.
-            true_cfg_scale: CFG scale; CFG runs when it is > 1 and a negative prompt is given.
-            height: image height in pixels (default ``default_sample_size * vae_scale_factor``).
-            width: image width in pixels (same default).
+            true_cfg_scale: CFG scale, a finite number >= 0; CFG runs when it is > 1 and a negative
+                prompt is given.
+            height: image height in pixels, a multiple of ``2 * vae_scale_factor`` (16; default
+                ``default_sample_size * vae_scale_factor``).
+            width: image width in pixels (same rule and default).
             num_inference_steps: number of denoising steps.
             sigmas: custom sigmas instead of ``linspace(1, 1/N, N)``.
             guidance_scale: distilled guidance scale, used only by ``guidance_embeds`` checkpoints.
             num_images_per_prompt: images per prompt (embeddings repeated per sample).
-            generator: random generator(s); the first one also drives the SDE noise and window.
+            generator: a random generator, or a list of one per sample; the first one also drives
+                the SDE noise and window.
             latents: ``(B, S, C)`` initial packed noise; drawn when None.
             prompt_embeds: ``(B, L, D)`` precomputed prompt embeddings (any padded width).
             prompt_embeds_mask: ``(B, L)`` their mask (all ones when None).
@@ -1000,9 +1026,13 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
             max_sequence_length: prompt embeddings are cut to this width.
             noise_level: SDE noise level inside the window.
             sde_window_size: number of SDE steps; None: every step but the last (:func:`full_sde_window`).
-            sde_window_range: ``(low, high)`` envelope the window start is drawn in (:func:`sample_sde_window`).
+            sde_window_range: ``(low, high)`` envelope the window is drawn in, ``high <= num_inference_steps``
+                (:func:`sample_sde_window`).
             sde_type: ``"sde"``, ``"cps"`` or ``"dance_sde"``.
             logprobs: compute per-step log-probabilities.
+
+        Raises:
+            ValueError, TypeError: as :meth:`rollout`, and for a bad ``output_type`` or prompt.
 
         Returns:
             QwenImageRolloutOutput: images plus ``all_latents``, ``all_log_probs``, ``all_timesteps``,
@@ -1012,9 +1042,9 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if output_type != "latent" and self.vae is None:
             raise ValueError(f"output_type={output_type!r} needs a `vae`; this pipeline has none (use 'latent')")
-        _check_sde_type(sde_type)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        _check_rollout_scales(true_cfg_scale, guidance_scale, noise_level, sde_type)
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
         self._attention_kwargs = attention_kwargs or {}
         self._current_timestep = None
         self._interrupt = False
@@ -1105,9 +1135,10 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
                 f"`{name}_embeds_mask` must have shape {tuple(prompt_embeds.shape[:2])}, "
                 f"got {tuple(prompt_embeds_mask.shape)}"
             )
+        max_sequence_length = check_int("`max_sequence_length`", max_sequence_length, 1)
         prompt_embeds = prompt_embeds[:, :max_sequence_length]
         prompt_embeds_mask = prompt_embeds_mask[:, :max_sequence_length]
-        repeats = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        repeats = check_int("`num_images_per_prompt`", num_images_per_prompt, 1)
         return prompt_embeds.repeat_interleave(repeats, dim=0), prompt_embeds_mask.repeat_interleave(repeats, dim=0)
 
     def _embed_token_ids(

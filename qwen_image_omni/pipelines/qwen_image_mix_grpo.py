@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from .checks import check_int
 from .config import DiffusionModelConfig
 from .model_base import DiffusionModelBase, VllmOmniPipelineBase
 from .qwen_image_flow_grpo import (
@@ -51,20 +52,21 @@ MIX_GRPO_ROLLOUT_OPTIONS: dict[str, Any] = {
 """The rollout options MixGRPO adds to FlowGRPO's, with their defaults (see :func:`mix_grpo_sde_window`)."""
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-    return value
+def _check_schedule(sample_strategy: str, global_steps: int, iters_per_group: int, sde_window_seed: int) -> None:
+    """Every schedule option, whatever the strategy: a bad one is a bad config even where it is not read."""
+    if sample_strategy not in WINDOW_STRATEGIES:
+        raise ValueError(f"`sample_strategy` must be one of {WINDOW_STRATEGIES}, got {sample_strategy!r}")
+    check_int("`global_steps`", global_steps, 0)
+    check_int("`iters_per_group`", iters_per_group, 1)
+    check_int("`sde_window_seed`", sde_window_seed, 0)
 
 
 def _envelope(sde_window_range: tuple[int, int], sde_window_size: int) -> tuple[int, int]:
     """Validate ``(low, high)`` (``high`` exclusive); return the first and last possible window start."""
     if not isinstance(sde_window_range, (tuple, list)) or len(sde_window_range) != 2:
         raise ValueError(f"`sde_window_range` must be a (low, high) pair, got {sde_window_range!r}")
-    low = _check_int("sde_window_range[0]", sde_window_range[0], 0)
-    high = _check_int("sde_window_range[1]", sde_window_range[1], 0)
+    low = check_int("`sde_window_range[0]`", sde_window_range[0], 0)
+    high = check_int("`sde_window_range[1]`", sde_window_range[1], 0)
     if high - low < sde_window_size:
         raise ValueError(
             f"MixGRPO window of sde_window_size={sde_window_size} steps does not fit in "
@@ -94,19 +96,17 @@ def mix_grpo_sde_window(
         sde_window_seed: ``"random"``: base seed; the draw uses ``sde_window_seed + global_steps``.
 
     Raises:
-        ValueError: unknown strategy, a negative step, a window that does not fit the envelope.
-        TypeError: a non-int size, step, interval or seed.
+        ValueError: unknown strategy, a negative step or seed, an interval below 1, a window that
+            does not fit the envelope (each checked whatever the strategy).
+        TypeError: a non-int size, step, interval, seed or envelope bound.
     """
-    if sample_strategy not in WINDOW_STRATEGIES:
-        raise ValueError(f"`sample_strategy` must be one of {WINDOW_STRATEGIES}, got {sample_strategy!r}")
-    size = _check_int("sde_window_size", sde_window_size, 1)
-    step = _check_int("global_steps", global_steps, 0)
+    _check_schedule(sample_strategy, global_steps, iters_per_group, sde_window_seed)
+    size = check_int("`sde_window_size`", sde_window_size, 1)
     first, last = _envelope(sde_window_range, size)
     if sample_strategy == "random":
-        start = random.Random(_check_int("sde_window_seed", sde_window_seed, 0) + step).randint(first, last)
+        start = random.Random(int(sde_window_seed) + int(global_steps)).randint(first, last)
     else:
-        advances = step // _check_int("iters_per_group", iters_per_group, 1)
-        start = min(first + advances * size, last)
+        start = min(first + int(global_steps) // int(iters_per_group) * size, last)
     return start, start + size
 
 
@@ -127,8 +127,7 @@ def pin_sde_window_range(
     Raises:
         ValueError, TypeError: as :func:`mix_grpo_sde_window`.
     """
-    if sample_strategy not in WINDOW_STRATEGIES:
-        raise ValueError(f"`sample_strategy` must be one of {WINDOW_STRATEGIES}, got {sample_strategy!r}")
+    _check_schedule(sample_strategy, global_steps, iters_per_group, sde_window_seed)
     if sde_window_size is None:
         return sde_window_range
     return mix_grpo_sde_window(

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from .checks import check_int, check_step
 from .model_base import DiffusionModelBase
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class StableDiffusion3DPO(DiffusionModelBase):
             negative_prompt_embeds_mask: unused, as ``prompt_embeds_mask``.
             micro_batch: must hold ``"pooled_prompt_embeds"`` ``(B, pooled_projection_dim)``, and
                 ``"negative_pooled_prompt_embeds"`` when guidance is on.
-            step: trajectory index, used only with ``(B, T, ...)`` latents.
+            step: trajectory index (an int), used only with ``(B, T, ...)`` latents.
 
         Returns:
             ``(model_inputs, negative_model_inputs)`` with keys ``hidden_states``, ``timestep``,
@@ -146,12 +147,14 @@ class StableDiffusion3DPO(DiffusionModelBase):
         micro_batch = {} if micro_batch is None else micro_batch
         latents = _check_tensor("latents", latents, (4, 5))
         timesteps = _check_tensor("timesteps", timesteps, (0, 1, 2))
+        step = check_int("`step`", step, 0)
         if latents.ndim == 5:
             if timesteps.ndim != 2:
                 raise ValueError(
                     f"timesteps must be (B, T) with (B, T, C, H, W) latents, got shape {tuple(timesteps.shape)}"
                 )
-            latents, timesteps = latents[:, step], timesteps[:, step]
+            latents = latents[:, check_step(step, latents, "latents")]
+            timesteps = timesteps[:, check_step(step, timesteps, "timesteps")]
         elif timesteps.ndim == 2:
             raise ValueError(
                 f"timesteps must be (B,) or a scalar with (B, C, H, W) latents, got shape {tuple(timesteps.shape)}"

@@ -23,6 +23,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..checks import check_noise_level
+
 SDEType = Literal["sde", "cps", "dance_sde"]
 SDE_TYPES: tuple[str, ...] = ("sde", "cps", "dance_sde")
 
@@ -137,6 +139,8 @@ def cps_log_prob(value: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 def _check_fp32(**tensors: torch.Tensor | None) -> None:
     for name, tensor in tensors.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor is not None and tensor.dtype != torch.float32:
             raise TypeError(f"`{name}` must be float32 (log-probabilities are computed in fp32), got {tensor.dtype}")
 
@@ -156,6 +160,30 @@ def _reject_integer_timestep(timestep: object) -> None:
             "Passing integer indices (e.g. from `enumerate(timesteps)`) as `timestep` is not supported;"
             " pass values taken from `scheduler.timesteps`."
         )
+
+
+def check_generator(
+    generator: torch.Generator | list[torch.Generator] | None, batch_size: int
+) -> torch.Generator | list[torch.Generator] | None:
+    """Return ``generator`` if it is None, a ``torch.Generator`` or a list of one per sample.
+
+    Raises:
+        TypeError: anything else, or a list holding something that is not a ``torch.Generator``.
+        ValueError: a list whose length is not ``batch_size`` (diffusers' pipelines reject it too).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if not isinstance(generator, (list, tuple)):
+        raise TypeError(f"`generator` must be a torch.Generator, a list of them or None, got {type(generator).__name__}")
+    if len(generator) != batch_size:
+        raise ValueError(
+            f"`generator` must be a single torch.Generator or a list of one per sample ({batch_size}), "
+            f"got a list of {len(generator)}"
+        )
+    wrong = [type(item).__name__ for item in generator if not isinstance(item, torch.Generator)]
+    if wrong:
+        raise TypeError(f"`generator` must be a list of torch.Generator, got one holding {wrong[0]}")
+    return list(generator)
 
 
 class FlowMatchSDEDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
@@ -200,14 +228,18 @@ class FlowMatchSDEDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
         ``scheduler.timesteps`` (samples may be at different steps) and leaves the step index alone.
         The other arguments are those of :meth:`sample_previous_step`.
 
+        Raises:
+            ValueError: as :meth:`sample_previous_step`; also a scalar ``timestep`` that is not the
+                current step's (``scheduler.timesteps[step_index]``), or a step past the schedule's end.
+
         Returns:
             :class:`FlowMatchSDEDiscreteSchedulerOutput`, or with ``return_dict=False`` the tuple
             ``(prev_sample, log_prob, prev_sample_mean, std_dev_t)``.
         """
         _reject_integer_timestep(timestep)
         per_sample = isinstance(timestep, torch.Tensor) and timestep.ndim > 0
-        if not per_sample and self.step_index is None:
-            self._init_step_index(timestep)
+        if not per_sample:
+            self._start_sequential_step(timestep)
 
         prev_sample, log_prob, prev_sample_mean, std_dev_t = self.sample_previous_step(
             sample=sample,
@@ -252,9 +284,9 @@ class FlowMatchSDEDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
             timestep: ``None`` to use the internal step index (sequential loop); a ``(B,)`` tensor
                 of values from ``scheduler.timesteps``, looked up per sample; a scalar applies to
                 the whole batch.
-            generator: random generator(s) for the noise, as in ``diffusers.utils.torch_utils.randn_tensor``.
+            generator: a random generator for the noise, or a list of one per sample.
             per_token_timesteps: not supported (raises ``NotImplementedError``).
-            noise_level: eta >= 0; 0 gives the deterministic Euler step.
+            noise_level: eta, a finite number >= 0 (<= 1 for ``"cps"``); 0 gives the deterministic Euler step.
             prev_sample: float32 sample of the previous timestep. When given it is not sampled but
                 scored: this is how a trainer recomputes the log-prob of a rollout's transition.
             sde_type: ``"sde"`` (Flow-GRPO), ``"cps"`` or ``"dance_sde"``.
@@ -267,15 +299,23 @@ class FlowMatchSDEDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
             ``(prev_sample, log_prob, prev_sample_mean, std_dev_t)``, plus ``sqrt_dt`` last when
             ``return_sqrt_dt``. ``log_prob`` is ``(B,)`` (mean over non-batch dimensions) or
             ``None``; ``std_dev_t`` is ``(B, 1, ..., 1)``.
+
+        Raises:
+            ValueError: ``set_timesteps`` not called yet; a timestep not in ``scheduler.timesteps``;
+                no step index (``timestep=None`` before any ``step``) or one past the schedule's end;
+                a NaN, infinite or negative ``noise_level`` (or one above 1 for ``"cps"``); a
+                generator list whose length is not the batch; mismatched shapes.
+            TypeError: a non-float32 or non-tensor sample, a non-number ``noise_level``, a
+                generator that is not a ``torch.Generator``.
         """
         if per_token_timesteps is not None:
             raise NotImplementedError("per_token_timesteps is not supported by FlowMatchSDEDiscreteScheduler.")
         if sde_type not in SDE_TYPES:
             raise ValueError(f"Unknown sde_type {sde_type!r}; expected one of {SDE_TYPES}.")
-        if noise_level < 0:
-            raise ValueError(f"noise_level must be >= 0, got {noise_level}.")
+        noise_level = check_noise_level("`noise_level`", noise_level, sde_type)
         _check_fp32(sample=sample, model_output=model_output, prev_sample=prev_sample)
         _check_same_shape(sample, model_output=model_output, prev_sample=prev_sample)
+        generator = check_generator(generator, sample.shape[0])
 
         sigma, sigma_next = self._sigmas_for(timestep, sample)
         transition = self._transition(sde_type, sample, model_output, sigma, sigma_next, noise_level)
@@ -317,17 +357,47 @@ class FlowMatchSDEDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
             return cps_transition(sample, model_output, sigma, sigma_next, noise_level)
         return dance_sde_transition(sample, model_output, sigma, sigma_next, noise_level)
 
+    def _check_timesteps_set(self) -> None:
+        # Before set_timesteps the Euler scheduler holds its 1000-step training schedule, without
+        # the final sigma = 0: steps on it would be silently wrong, and the last one an IndexError.
+        if getattr(self, "num_inference_steps", None) is None:
+            raise ValueError("the scheduler has no inference schedule yet: call `set_timesteps` first")
+
+    def _checked_step_index(self) -> int:
+        """The internal step index, if there is one and the schedule has a step left at it."""
+        if self.step_index is None:
+            raise ValueError("No step index yet: pass `timestep`, or call `step` (which initialises it) first.")
+        if self.step_index >= len(self.timesteps):
+            raise ValueError(
+                f"all {len(self.timesteps)} steps of the schedule are taken (step_index={self.step_index}); "
+                "call `set_timesteps` to start a new one"
+            )
+        return self.step_index
+
+    def _start_sequential_step(self, timestep: float | torch.Tensor) -> None:
+        """Initialise the step index on the first scalar ``step`` (as diffusers), then check ``timestep`` is its."""
+        self._check_timesteps_set()
+        if self.step_index is None:
+            if self.begin_index is None:
+                self._step_indices(timestep, 1)  # a clear error where diffusers' look-up raises IndexError
+            self._init_step_index(timestep)
+        index = self._checked_step_index()
+        expected = self.timesteps[index].to(torch.float32)
+        given = torch.as_tensor(timestep).to(device=expected.device, dtype=torch.float32)
+        if given.numel() != 1 or bool(given.reshape(()) != expected):
+            raise ValueError(
+                f"`timestep` {given.tolist()} is not the current step's: scheduler.timesteps[{index}] = "
+                f"{expected.item()}; pass the timesteps in order, or a (batch,) tensor for per-sample steps"
+            )
+
     def _sigmas_for(self, timestep: object, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sigma, sigma')`` per sample, shaped ``(B, 1, ..., 1)`` to broadcast against ``sample``."""
         if self.config.invert_sigmas:
             raise NotImplementedError("invert_sigmas=True (increasing sigmas) has no reverse SDE step here.")
+        self._check_timesteps_set()
         batch_size = sample.shape[0]
         if timestep is None:
-            if self.step_index is None:
-                raise ValueError(
-                    "No step index yet: pass `timestep`, or call `step` (which initialises it) first."
-                )
-            index = torch.full((batch_size,), self.step_index, dtype=torch.long, device=self.sigmas.device)
+            index = torch.full((batch_size,), self._checked_step_index(), dtype=torch.long, device=self.sigmas.device)
         else:
             index = self._step_indices(timestep, batch_size)
         shape = (batch_size,) + (1,) * (sample.ndim - 1)
