@@ -11,7 +11,7 @@ VLLM_OMNI_VENV ?= .venv-vllm-omni
 VLLM_OMNI_PY := $(VLLM_OMNI_VENV)/bin/python
 VLLM_OMNI_STAMP := $(VLLM_OMNI_VENV)/.installed
 
-.PHONY: demo test test-vllm-omni bench clean
+.PHONY: demo test test-vllm-omni bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_qk_norm_rope.py
 	$(PY) benchmarks/bench_transformer.py
 	$(PY) benchmarks/rollout_trainer_kl.py
+
+# The cuda-marked tests and the GPU benchmark tables, one summary table (benchmarks/gpu_check.py;
+# options in GPU_CHECK_ARGS, e.g. "--out PATH"). It fails at once, with one line, without a GPU.
+# PY=... on the command line runs that interpreter as it is, with no install step (for a GPU
+# machine that is offline or brings its own torch); the script runs this checkout in place.
+gpu-check: $(if $(filter command line,$(origin PY)),,$(STAMP))
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_OMNI_VENV) build *.egg-info
