@@ -5,10 +5,12 @@ The diffusers side is exactly what ``QwenDoubleStreamAttnProcessor2_0`` does to 
 
 Two tables:
 
-* CPU (always): diffusers' sequence vs our torch backend, forward, at one text width. The two are
+* CPU (always): diffusers' sequence vs our torch backend at one text width, fp32 and bf16, in three
+  passes: the forward without autograd (inference, rollout), the forward with inputs and weights
+  that require grad (what a trainer step runs), and that forward plus the backward. The two are
   timed in turns (one call each per round) so that load from other processes hits them alike.
 * Full (on CUDA, or anywhere with ``--full``): rows diffusers eager, our torch backend,
-  ``torch.compile`` of the diffusers sequence and our Triton kernel; forward and forward+backward;
+  ``torch.compile`` of the diffusers sequence and our Triton kernel; the same three passes;
   for each text width of ``--full-txt``. Columns: microseconds (``triton.testing.do_bench``, which
   flushes the L2 cache before every call), the bytes the op must move divided by that time, and
   that as a share of the device's peak HBM bandwidth.
@@ -31,6 +33,7 @@ from qwen_image_omni.kernels import joint_qk_norm_rope
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NAMES = ("img_q", "img_k", "txt_q", "txt_k")
+PASSES = ("fwd", "fwd grad", "fwd+bwd")
 # Peak HBM bandwidth in GB/s by device-name substring, most specific first (vendor data sheets).
 PEAK_HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0), ("B200", 8000.0))
 
@@ -38,7 +41,8 @@ PEAK_HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A1
 def make_case(args, dtype: torch.dtype, device: str, txt: int | None = None, requires_grad: bool = False) -> dict:
     """Activations as the processor has them (linear outputs viewed as heads), RMSNorms and tables.
 
-    With ``requires_grad`` the linear outputs are leaves that need a gradient, and so are the norm weights.
+    With ``requires_grad`` the linear outputs are leaves that need a gradient, and so are the norm
+    weights; ``grad_q`` / ``grad_k`` are then random gradients of the joint outputs for the backward.
     """
     txt = args.txt if txt is None else txt
     gen = torch.Generator().manual_seed(0)
@@ -57,6 +61,10 @@ def make_case(args, dtype: torch.dtype, device: str, txt: int | None = None, req
     for stream, seq in (("img", args.img), ("txt", txt)):
         angles = torch.rand(seq, head_dim // 2, generator=gen) * 100
         case[f"{stream}_freqs"] = torch.polar(torch.ones_like(angles), angles).to(device)
+    if requires_grad:
+        joint = (args.batch, txt + args.img, heads, head_dim)
+        for name in ("grad_q", "grad_k"):
+            case[name] = torch.randn(joint, generator=gen).to(device=device, dtype=dtype)
     return case
 
 
@@ -93,48 +101,60 @@ def bytes_moved(args, dtype: torch.dtype, txt: int, backward: bool) -> int:
     return forward + (6 * tensor + table if backward else 0)
 
 
-def time_in_turns(fns: dict, case: dict, device: str, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Milliseconds per call for each function, measured in alternating rounds."""
+def time_in_turns(fns: dict, device: str, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per call for each no-argument function, measured in alternating rounds."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
-            fn(case)
+            fn()
     sync()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn(case)
+            fn()
             sync()
             times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
 def bit_exact_fraction(expected, got) -> float:
-    """Share of output elements equal bit for bit (q and k together)."""
+    """Share of elements equal bit for bit, over all the tensors together."""
     equal = sum((e == g).sum().item() for e, g in zip(expected, got))
     return equal / sum(e.numel() for e in expected)
 
 
+def results(fn, case: dict, pass_name: str) -> list[torch.Tensor]:
+    """What a pass produces: the joint q and k, or for "fwd+bwd" the gradients of every leaf."""
+    if pass_name != "fwd+bwd":
+        with torch.no_grad():
+            return list(fn(case))
+    joint_q, joint_k = fn(case)
+    return list(torch.autograd.grad((joint_q, joint_k), leaves(case), (case["grad_q"], case["grad_k"])))
+
+
 def cpu_table(args, dtypes: list[str]) -> None:
-    """Forward: diffusers' sequence vs our torch backend on the CPU."""
+    """diffusers' sequence vs our torch backend on the CPU, per dtype and pass."""
     candidates = {"diffusers": diffusers_sequence, "torch": ours("torch")}
     print(
         f"CPU: B={args.batch} S_txt={args.txt} S_img={args.img} H={args.heads} D={args.head_dim}, "
-        f"forward only, median (min) of {args.repeats}, threads={torch.get_num_threads()}"
+        f"median (min) of {args.repeats} in turns, threads={torch.get_num_threads()}; bit-exact: share of the "
+        f"outputs (fwd) or of all input and weight gradients (fwd+bwd) equal to diffusers'"
     )
-    header = f"{'dtype':<6}{'diffusers ms':>20}{'torch ms':>20}{'speed-up':>10}{'bit-exact':>11}"
+    header = f"{'dtype':<6}{'pass':<15}{'diffusers ms':>20}{'torch ms':>20}{'speed-up':>10}{'bit-exact':>11}"
     print(header)
     print("-" * len(header))
-    with torch.inference_mode():
-        for dtype_name in dtypes:
-            case = make_case(args, DTYPES[dtype_name], "cpu")
-            exact = bit_exact_fraction(diffusers_sequence(case), ours("torch")(case))
-            times = time_in_turns(candidates, case, "cpu", args.repeats, args.warmup)
+    for dtype_name in dtypes:
+        case = make_case(args, DTYPES[dtype_name], "cpu", requires_grad=True)
+        for pass_name in PASSES:
+            exact = bit_exact_fraction(*(results(fn, case, pass_name) for fn in candidates.values()))
+            steps = {name: step(fn, case, pass_name) for name, fn in candidates.items()}
+            times = time_in_turns(steps, "cpu", args.repeats, args.warmup)
             med = {name: statistics.median(t) for name, t in times.items()}
             low = {name: min(t) for name, t in times.items()}
             cells = "".join(f"{f'{med[n]:.1f} ({low[n]:.1f})':>20}" for n in candidates)
-            print(f"{dtype_name:<6}{cells}{med['diffusers'] / med['torch']:>9.2f}x{exact:>11.6f}")
+            speed_up = med["diffusers"] / med["torch"]
+            print(f"{dtype_name:<6}{pass_name:<15}{cells}{speed_up:>9.2f}x{exact:>11.6f}", flush=True)
 
 
 def peak_gbps(device: str, override: float | None) -> float | None:
@@ -158,21 +178,32 @@ def microseconds(fn, device: str, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e6
 
 
-def step(fn, case: dict, backward: bool):
-    """A no-argument callable running ``fn`` on ``case``: forward only, or forward and backward."""
-    if not backward:
+def leaves(case: dict) -> list[torch.Tensor]:
+    """The tensors a training step differentiates: the four linear outputs and the four norm weights."""
+    return [case[f"{n}_flat"] for n in NAMES] + [case[f"{n}_norm"].weight for n in NAMES]
 
-        def forward_only():
+
+def step(fn, case: dict, pass_name: str):
+    """A no-argument callable running one pass of ``fn`` on ``case`` (``make_case(requires_grad=True)``).
+
+    "fwd": the forward without autograd; "fwd grad": the forward with autograd recording (the graph is
+    dropped); "fwd+bwd": that forward and the backward of ``case``'s joint gradients into the leaves.
+    """
+    if pass_name == "fwd":
+
+        def forward_no_grad():
             with torch.no_grad():
                 fn(case)
 
-        return forward_only
-    leaves = [case[f"{n}_flat"] for n in NAMES] + [case[f"{n}_norm"].weight for n in NAMES]
+        return forward_no_grad
+    if pass_name == "fwd grad":
+        return lambda: fn(case)
+    targets = leaves(case)
 
     def forward_backward():
         joint_q, joint_k = fn(case)
-        torch.autograd.backward((joint_q, joint_k), (torch.ones_like(joint_q), torch.ones_like(joint_k)))
-        for leaf in leaves:
+        torch.autograd.backward((joint_q, joint_k), (case["grad_q"], case["grad_k"]))
+        for leaf in targets:
             leaf.grad = None
 
     return forward_backward
@@ -193,18 +224,18 @@ def full_table(args, dtype_name: str, device: str) -> None:
         "torch.compile(diffusers)": torch.compile(diffusers_sequence),
         "ours triton": ours("triton"),
     }
-    header = f"{'S_txt':>6}  {'pass':<8}{'implementation':<26}{'µs':>10}{'GB/s':>10}{'% peak':>8}"
+    header = f"{'S_txt':>6}  {'pass':<10}{'implementation':<26}{'µs':>10}{'GB/s':>10}{'% peak':>8}"
     print(header)
     print("-" * len(header))
     for txt in args.full_txt:
-        for backward in (False, True):
-            case = make_case(args, dtype, device, txt=txt, requires_grad=backward)
-            moved = bytes_moved(args, dtype, txt, backward)
+        case = make_case(args, dtype, device, txt=txt, requires_grad=True)
+        for pass_name in PASSES:
+            moved = bytes_moved(args, dtype, txt, backward=pass_name == "fwd+bwd")
             for name, fn in candidates.items():
-                us = microseconds(step(fn, case, backward), device, args.repeats)
+                us = microseconds(step(fn, case, pass_name), device, args.repeats)
                 gbps = moved / us / 1e3
                 share = f"{100 * gbps / peak:.0f}" if peak else "-"
-                print(f"{txt:>6}  {'fwd+bwd' if backward else 'fwd':<8}{name:<26}{us:>10.1f}{gbps:>10.0f}{share:>8}")
+                print(f"{txt:>6}  {pass_name:<10}{name:<26}{us:>10.1f}{gbps:>10.0f}{share:>8}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

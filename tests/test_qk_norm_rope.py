@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.normalization import RMSNorm
@@ -218,35 +221,288 @@ def test_inference_mode_and_outputs_are_fresh():
 
 
 # --------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("none_weights", [(), ("txt_k_weight",)], ids=["all-weights", "txt_k-none"])
-@pytest.mark.parametrize("layout", ["unflatten", "fused"])
-def test_gradients_match_autograd_through_diffusers(none_weights, layout):
-    inputs = make_inputs(batch=2, heads=3, head_dim=64, layout=layout, none_weights=none_weights)
-    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items() if t is not None and "freqs" not in n}
+# Tolerances. Input gradients are elementwise, like the outputs: fp32 within 1e-6, bf16 within one
+# ULP (ours is one of the reference's two bf16 neighbours or the reference itself), and in practice
+# bit-exact. Weight gradients are reductions over B*S*H bit-identical products (both sides follow
+# the same rounding chain to get them) summed in fp32 in different orders: PyTorch's cascade sum
+# over all tokens against our per-chunk cascade sums and their final sum. Each is within about
+# ceil(log2 n) * u * sum|terms| of the exact sum (u = 2**-24, the pairwise-summation bound), so the
+# two may differ by twice that: the absolute floor added to the 1e-6 / one-ULP budget. Measured
+# differences stay near 1 * u * sum|terms|; a wrong backward is off by O(|gradient|).
+FP32_ROUNDOFF = 2.0**-24
+PRECISION_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+MIN_NORMAL_EXPONENT = {torch.float32: -125, torch.bfloat16: -125, torch.float16: -13}  # as torch.frexp gives it
+REQUIRES_GRAD = {
+    "all": NAMES + WEIGHT_NAMES,
+    "inputs": NAMES,
+    "weights": WEIGHT_NAMES,
+    "some": ("img_q", "txt_k", "img_k_weight"),  # mixed: a weight whose input needs none, and the reverse
+}
+FUNCTION_NODE = "JointQKNormRopeFunctionBackward"
 
-    def with_leaves():
-        return {n: leaves.get(n, t) for n, t in inputs.items()}
 
-    gen = torch.Generator().manual_seed(1)
-    q_ref, k_ref = diffusers_reference(with_leaves())
-    grad_q, grad_k = torch.randn(q_ref.shape, generator=gen), torch.randn(k_ref.shape, generator=gen)
-    expected = torch.autograd.grad((q_ref * grad_q).sum() + (k_ref * grad_k).sum(), list(leaves.values()))
+def ulp(t: torch.Tensor) -> torch.Tensor:
+    """Per element, the spacing of ``t``'s dtype at ``|t|`` (fp64; the subnormal spacing below the normals)."""
+    _, exponent = torch.frexp(t.double())
+    exponent = exponent.clamp_min(MIN_NORMAL_EXPONENT[t.dtype]) - PRECISION_BITS[t.dtype]
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float64), exponent)
 
-    q, k = ours(with_leaves())
-    assert q.requires_grad and k.requires_grad
-    torch.testing.assert_close(q, q_ref, rtol=1e-6, atol=1e-6)
-    got = torch.autograd.grad((q * grad_q).sum() + (k * grad_k).sum(), list(leaves.values()))
+
+def with_leaves(inputs, names):
+    """``inputs`` with the (non-None) tensors named in ``names`` replaced by copies that require grad."""
+    leaves = {n: inputs[n].detach().clone().requires_grad_() for n in names if inputs[n] is not None}
+    return {**inputs, **leaves}, leaves
+
+
+def joint_grads(outputs, seed=1):
+    """Random gradients for the joint outputs, in their dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(o.shape, generator=gen).to(o.dtype) for o in outputs)
+
+
+def forward_backward(fn, inputs, leaves, grads):
+    """``fn(inputs)`` and the gradient of ``sum(outputs * grads)`` for every leaf (None if unused)."""
+    outputs = fn(inputs)
+    return outputs, torch.autograd.grad(outputs, list(leaves.values()), grads, allow_unused=True)
+
+
+def weight_grad_terms(inputs, grads):
+    """Per weight, the ``[B, S, H, D]`` products autograd sums into its gradient.
+
+    Runs diffusers' reference with every weight expanded to its activation's full shape: the
+    gradient of such a weight is the product itself, rounded as in the real backward, unreduced.
+    """
+    full = {
+        w: inputs[w].detach().expand(inputs[w[:5]].shape).clone().requires_grad_()
+        for w in WEIGHT_NAMES
+        if inputs[w] is not None
+    }
+    if not full:
+        return {}
+    outputs = diffusers_reference({**inputs, **full})
+    return dict(zip(full, torch.autograd.grad(outputs, list(full.values()), grads)))
+
+
+def assert_weight_grad_matches(got, ref, terms, name):
+    """A weight gradient within 1e-6 (fp32) or one ULP (half) of the reference, plus the summation floor."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape, name
+    n = terms[..., 0].numel()
+    floor = 2 * max(1, math.ceil(math.log2(n))) * FP32_ROUNDOFF * terms.double().abs().sum((0, 1, 2))
+    budget = 1e-6 * ref.double().abs() if got.dtype == torch.float32 else ulp(ref)
+    excess = (got.double() - ref.double()).abs() - (budget + floor)
+    assert excess.max().item() <= 0, f"grad of {name}: {int((excess > 0).sum())} elements off, worst by {excess.max()}"
+
+
+def assert_grads_match(names, got, expected, terms):
+    """Input gradients like outputs (mostly bit-exact), weight gradients with the summation floor."""
+    for name, g, e in zip(names, got, expected):
+        if e is None:
+            assert g is None or not g.any(), f"grad of {name}: expected none"
+        elif name in WEIGHT_NAMES:
+            assert_weight_grad_matches(g, e, terms[name], name)
+        else:
+            assert_matches(g, e, min_exact=0.999)
+
+
+def check_gradients(inputs, requires, monkeypatch):
+    """Outputs and all gradients of ours (one chunk and 5-token chunks) against autograd through diffusers."""
+    grad_inputs, leaves = with_leaves(inputs, requires)
+    grads = joint_grads(diffusers_reference(inputs))
+    expected_out, expected = forward_backward(diffusers_reference, grad_inputs, leaves, grads)
+    terms = weight_grad_terms(inputs, grads)
+    for rows in (None, 5):
+        with monkeypatch.context() as m:
+            if rows:
+                m.setattr(torch_ops, "_chunk_rows", lambda x, seq, rows=rows: rows)
+            out, got = forward_backward(ours, grad_inputs, leaves, grads)
+        assert all(type(o.grad_fn).__name__ == FUNCTION_NODE for o in out)
+        for o, e in zip(out, expected_out):
+            assert_matches(o, e, min_exact=1.0)
+        assert_grads_match(list(leaves), got, expected, terms)
+
+
+@pytest.mark.parametrize("requires", list(REQUIRES_GRAD))
+@pytest.mark.parametrize(
+    "none_weights",
+    [(), ("txt_k_weight",), ("img_q_weight", "img_k_weight"), WEIGHT_NAMES],
+    ids=["all-weights", "txt_k-none", "img-none", "no-norm"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "batch, s_img, s_txt, heads, head_dim", [(2, 37, 13, 3, 64), (1, 20, 1, 2, 96), (2, 9, 6, 24, 128)]
+)
+def test_gradients_match_diffusers(batch, s_img, s_txt, heads, head_dim, dtype, none_weights, requires, monkeypatch):
+    inputs = make_inputs(batch=batch, s_img=s_img, s_txt=s_txt, heads=heads, head_dim=head_dim, dtype=dtype,
+                         none_weights=none_weights)
+    if not any(inputs[n] is not None for n in REQUIRES_GRAD[requires]):
+        q, k = ours(with_leaves(inputs, REQUIRES_GRAD[requires])[0])
+        assert not q.requires_grad and not k.requires_grad
+        return
+    check_gradients(inputs, REQUIRES_GRAD[requires], monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "dtype, weight_dtype, none_weights",
+    [
+        (torch.bfloat16, torch.float32, ()),
+        (torch.bfloat16, torch.float32, ("txt_q_weight",)),  # bf16 text part, fp32 image part: cat promotes
+        (torch.float32, torch.bfloat16, ()),
+        (torch.float16, torch.float16, ()),
+        (torch.float16, torch.bfloat16, ("img_k_weight",)),  # fp16 and bf16 parts: cat gives fp32
+    ],
+    ids=["bf16-x_fp32-w", "bf16-x_fp32-w_txt-none", "fp32-x_bf16-w", "fp16", "fp16-x_bf16-w_img-none"],
+)
+def test_gradients_mixed_dtypes(dtype, weight_dtype, none_weights, monkeypatch):
+    inputs = make_inputs(batch=2, dtype=dtype, weight_dtype=weight_dtype, none_weights=none_weights)
+    check_gradients(inputs, REQUIRES_GRAD["all"], monkeypatch)
+
+
+def _strided_leaves(inputs):
+    """One leaf per storage the activations are views of (as a model's linear outputs), and the views."""
+    bases, views = {}, {}
+    for name in NAMES:
+        t = inputs[name]
+        base = bases.setdefault(id(t._base), t._base.detach().clone().requires_grad_())
+        views[name] = base.as_strided(t.shape, t.stride(), t.storage_offset())
+    return {f"base{i}": b for i, b in enumerate(bases.values())}, views
+
+
+@pytest.mark.parametrize("layout", ["unflatten", "fused", "odd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gradients_strided_inputs(layout, dtype):
+    """Views of linear outputs ([B, S, H*D] unflattened, slices of a fused qkv, odd offsets) and strided tables."""
+    inputs = make_inputs(batch=2, dtype=dtype, layout=layout)
+    leaves, views = _strided_leaves(inputs)
+    weights, weight_leaves = with_leaves(inputs, WEIGHT_NAMES)
+    leaves.update(weight_leaves)
+    grads = joint_grads(diffusers_reference(inputs))
+    # diffusers' view_as_complex rejects fp32 views at odd offsets: give it contiguous copies (same values).
+    as_given = {n: v.contiguous() if layout == "odd" else v for n, v in views.items()}
+    expected_out, expected = forward_backward(diffusers_reference, {**weights, **as_given}, leaves, grads)
+    out, got = forward_backward(ours, {**weights, **views}, leaves, grads)
+    assert type(out[0].grad_fn).__name__ == FUNCTION_NODE
+    for o, e in zip(out, expected_out):
+        assert_matches(o, e, min_exact=0.999)  # see test_strided_inputs on the reference's scalar loop
+    assert_grads_match(list(leaves), got, expected, weight_grad_terms(inputs, grads))
+
+
+def test_gradients_realistic_slice(monkeypatch):
+    """Qwen-Image-like heads (24 x 128): the default chunking spans several chunks per image stream."""
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = make_inputs(batch=1, s_img=256, s_txt=32, heads=24, head_dim=128, dtype=dtype)
+        with monkeypatch.context() as m:
+            m.setattr(torch_ops, "_CPU_CHUNK_ELEMENTS_PER_THREAD", 1 << 16)  # 21 tokens per intra-op thread
+            grad_inputs, leaves = with_leaves(inputs, REQUIRES_GRAD["all"])
+            grads = joint_grads(diffusers_reference(inputs))
+            _, expected = forward_backward(diffusers_reference, grad_inputs, leaves, grads)
+            _, got = forward_backward(ours, grad_inputs, leaves, grads)
+        assert_grads_match(list(leaves), got, expected, weight_grad_terms(inputs, grads))
+        for name, g, e in zip(leaves, got, expected):
+            if name in NAMES:
+                assert torch.equal(g, e), f"grad of {name} not bit-exact"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("upstream", ["sum", "transposed", "q-only"])
+def test_gradients_any_upstream(upstream, dtype):
+    """Expanded (from .sum()), non-contiguous and missing (k unused) output gradients."""
+    inputs = make_inputs(batch=2, dtype=dtype)
+    grad_inputs, leaves = with_leaves(inputs, REQUIRES_GRAD["all"])
+    q_ref, k_ref = diffusers_reference(inputs)
+    gq, gk = joint_grads((q_ref.transpose(1, 2), k_ref.transpose(1, 2)))
+
+    def loss(outputs):
+        q, k = outputs
+        if upstream == "sum":
+            return q.sum() + k.sum()
+        if upstream == "transposed":
+            return (q.transpose(1, 2) * gq).sum() + (k.transpose(1, 2) * gk).sum()
+        return q.sum()
+
+    upstream_values = {
+        "sum": (torch.ones_like(q_ref), torch.ones_like(k_ref)),
+        "transposed": (gq.transpose(1, 2), gk.transpose(1, 2)),
+        "q-only": (torch.ones_like(q_ref), torch.zeros_like(k_ref)),
+    }[upstream]
+    expected = torch.autograd.grad(loss(diffusers_reference(grad_inputs)), list(leaves.values()), allow_unused=True)
+    outputs = ours(grad_inputs)
+    assert type(outputs[0].grad_fn).__name__ == FUNCTION_NODE
+    got = torch.autograd.grad(loss(outputs), list(leaves.values()), allow_unused=True)
+    assert_grads_match(list(leaves), got, expected, weight_grad_terms(inputs, upstream_values))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing(use_reentrant):
+    """Recomputing the forward in the backward (the model's gradient checkpointing) gives the same bits."""
+    inputs = make_inputs(batch=2, dtype=torch.bfloat16)
+    grad_inputs, leaves = with_leaves(inputs, REQUIRES_GRAD["all"])
+    grads = joint_grads(ours(inputs))
+    _, expected = forward_backward(ours, grad_inputs, leaves, grads)
+    names = list(grad_inputs)
+
+    def checkpointed(given):
+        def run(*tensors):  # positional tensors, so that the reentrant variant sees them
+            return ours(dict(zip(names, tensors)))
+
+        return torch.utils.checkpoint.checkpoint(run, *given.values(), use_reentrant=use_reentrant)
+
+    torch.autograd.backward(checkpointed(grad_inputs), grads)  # the reentrant variant refuses autograd.grad
+    for name, e in zip(leaves, expected):
+        assert torch.equal(leaves[name].grad, e), f"grad of {name}"
+
+
+def test_backward_is_deterministic():
+    inputs = make_inputs(batch=2, s_img=64, heads=4)
+    grad_inputs, leaves = with_leaves(inputs, REQUIRES_GRAD["all"])
+    grads = joint_grads(ours(inputs))
+    first, second = (forward_backward(ours, grad_inputs, leaves, grads)[1] for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_double_backward_raises():
+    inputs, leaves = with_leaves(make_inputs(), ("img_q",))
+    q, _ = ours(inputs)
+    with pytest.raises(RuntimeError, match="not twice differentiable.*create_graph=True"):
+        torch.autograd.grad(q.sum(), leaves["img_q"], create_graph=True)
+
+
+def test_freqs_that_require_grad_take_the_functional_path():
+    inputs = make_inputs(batch=2)
+    grad_inputs, leaves = with_leaves(inputs, ("img_q", "txt_k_weight", "img_freqs", "txt_freqs"))
+    grads = joint_grads(diffusers_reference(inputs))
+    _, expected = forward_backward(diffusers_reference, grad_inputs, leaves, grads)
+    out, got = forward_backward(ours, grad_inputs, leaves, grads)
+    assert type(out[0].grad_fn).__name__ != FUNCTION_NODE
     for name, g, e in zip(leaves, got, expected):
+        # The functional path sums the tables' gradients over batch and heads in another order.
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_weight_only_requires_grad_uses_autograd():
+def test_torch_func_grad_takes_the_functional_path():
     inputs = make_inputs()
-    inputs["txt_q_weight"].requires_grad_()
-    q, k = ours(inputs)
-    assert q.requires_grad and not k.requires_grad
-    (grad,) = torch.autograd.grad(q.sum(), inputs["txt_q_weight"])
-    assert grad.shape == (64,) and grad.abs().sum() > 0
+    grads = joint_grads(diffusers_reference(inputs))
+
+    def loss(img_q, fn):
+        q, k = fn({**inputs, "img_q": img_q})
+        return (q * grads[0]).sum() + (k * grads[1]).sum()
+
+    got = torch.func.grad(loss)(inputs["img_q"], ours)
+    expected = torch.func.grad(loss)(inputs["img_q"], diffusers_reference)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_checks_catch_errors():
+    """The checks are not vacuous: a 2-ULP or 1e-5 error in one element fails them."""
+    ref = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    off = ref.clone()
+    off[3] = off[3].float() + 2 * ulp(ref[3:4]).float()
+    with pytest.raises(AssertionError):
+        assert_matches(off, ref)
+    terms = torch.randn(1, 1, 1, 64)
+    ref32 = terms.sum((0, 1, 2))
+    with pytest.raises(AssertionError):
+        assert_weight_grad_matches(ref32 * (1 + 1e-5), ref32, terms, "w")
+    assert_weight_grad_matches(ref32, ref32, terms, "w")
 
 
 # --------------------------------------------------------------------------- torch.compile
@@ -321,6 +577,26 @@ VALIDATION_CASES = [
 def test_validation_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         ours(_bad(**changes))
+
+
+@pytest.mark.parametrize(
+    "eps, shown",
+    [(0.0, "0.0"), (-1e-6, "-1e-06"), (float("nan"), "nan"), (float("inf"), "inf"), ("1e-6", "str '1e-6'"),
+     (None, "NoneType None"), (True, "bool True"), (torch.tensor(1e-6), "Tensor")],
+    ids=["zero", "negative", "nan", "inf", "str", "none", "bool", "tensor"],
+)
+def test_eps_must_be_a_positive_finite_number(eps, shown):
+    with pytest.raises(ValueError, match=rf"eps: expected a finite real number > 0, got {re.escape(shown)}"):
+        ours(make_inputs(), eps=eps)
+
+
+def test_eps_accepts_python_and_numpy_numbers():
+    inputs = make_inputs(s_img=5, s_txt=2)
+    expected = ours(inputs, eps=1e-5)
+    for eps in (np.float32(1e-5), np.float64(1e-5)):
+        for got, ref in zip(ours(inputs, eps=eps), expected):
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    ours(inputs, eps=1)  # an int is a real number too
 
 
 # --------------------------------------------------------------------------- backend switch

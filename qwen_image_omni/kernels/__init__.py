@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 import os
 
 import torch
@@ -89,6 +91,14 @@ def _check_activation(name: str, t: object, seq_name: str) -> Tensor:
     return t
 
 
+def _check_eps(eps: object) -> None:
+    """RMSNorm's epsilon must be a finite real number > 0: with eps <= 0 an all-zero row gives NaN."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise ValueError(f"eps: expected a finite real number > 0, got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite real number > 0, got {eps!r}")
+
+
 def _validate(img_q, img_k, txt_q, txt_k, weights: dict, img_freqs, txt_freqs) -> None:
     """Shape, dtype and device checks only (no syncs, no data-dependent branches)."""
     acts = {
@@ -152,7 +162,7 @@ def joint_qk_norm_rope(
         img_q_weight, img_k_weight, txt_q_weight, txt_k_weight: RMSNorm weights ``[D]``, or None
             for no norm on that tensor (RoPE still applies), like diffusers' ``if attn.norm_q is not None``.
         img_freqs, txt_freqs: complex64 ``[S_img, D/2]`` / ``[S_txt, D/2]`` from the Qwen-Image RoPE module.
-        eps: RMSNorm epsilon.
+        eps: RMSNorm epsilon, a finite real number > 0.
         backend: "auto", "torch" or "triton". "auto" follows ``$QWEN_IMAGE_OMNI_QK_BACKEND`` when set,
             else picks Triton for supported CUDA inputs and torch otherwise; an explicit name always wins.
 
@@ -160,10 +170,10 @@ def joint_qk_norm_rope(
         ``(joint_q, joint_k)``, each ``[B, S_txt + S_img, H, D]`` with the text tokens first, in the
         dtype diffusers' RMSNorm -> ``apply_rotary_emb_qwen`` -> ``torch.cat`` sequence gives
         (e.g. bf16 for bf16 inputs with bf16 weights, fp32 for bf16 inputs with fp32 weights).
-        Differentiable with respect to the inputs and the weights.
+        Differentiable once with respect to the inputs and the weights.
 
     Raises:
-        ValueError: bad shapes, dtypes, devices or backend name, or a forced "triton" that cannot run.
+        ValueError: bad shapes, dtypes, devices, eps or backend name, or a forced "triton" that cannot run.
     """
     weights = {
         "img_q_weight": img_q_weight,
@@ -172,6 +182,8 @@ def joint_qk_norm_rope(
         "txt_k_weight": txt_k_weight,
     }
     _validate(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs)
+    if not torch.compiler.is_compiling():  # dynamo may trace eps as a symbolic float
+        _check_eps(eps)
     if _resolve_backend(backend, (img_q, img_k, txt_q, txt_k), tuple(weights.values())) == "triton":
         from .triton_ops import joint_qk_norm_rope_triton as implementation
     else:

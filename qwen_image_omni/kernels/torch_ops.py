@@ -5,12 +5,15 @@ It reproduces, bit for bit where the op order allows, what diffusers'
 
     RMSNorm (if the weight is not None) -> apply_rotary_emb_qwen(use_real=False) -> cat([text, image], dim=1)
 
-Two paths compute the same numbers:
+Three paths compute the same numbers:
 
-* ``_joint_differentiable``: plain functional ops, used whenever autograd is needed and under
-  ``torch.compile`` (inductor fuses it by itself).
 * ``_joint_fast``: no autograd, eager only. It writes straight into the preallocated joint output
   and walks the tokens in chunks small enough that the intermediate passes stay in cache.
+* ``JointQKNormRopeFunction``: the eager training path, an ``autograd.Function`` whose forward is
+  ``_joint_fast`` (also saving the fp32 ``rstd``) and whose backward walks the same chunks, replaying
+  the rounding chain autograd follows through diffusers' ops.
+* ``_joint_differentiable``: plain functional ops, used under ``torch.compile`` (inductor fuses it by
+  itself), under ``torch.func`` transforms and when the RoPE tables themselves need a gradient.
 
 Input validation lives in ``qwen_image_omni.kernels``; this module assumes valid inputs.
 """
@@ -23,8 +26,8 @@ from torch import Tensor
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # CPU chunk size: 2**18 fp32 values (1 MiB) per intra-op thread and scratch buffer, so the few
-# buffers a chunk uses stay in L2/L3 while the 5-9 elementwise passes run over them. Smaller chunks
-# lose more to per-op overhead; the whole tensor would go through DRAM on every pass.
+# buffers a chunk uses stay in cache while the ~7 forward / ~14 backward elementwise passes run over
+# them. Smaller chunks lose more to per-op overhead; the whole tensor would go through DRAM on every pass.
 _CPU_CHUNK_ELEMENTS_PER_THREAD = 1 << 18
 
 
@@ -96,7 +99,7 @@ class _Scratch:
         self._shape = (rows, heads, head_dim)
         self._device = device
         self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-        self.rstd = torch.empty(rows, heads, 1, device=device)
+        self.rstd = torch.empty(rows, heads, 1, dtype=torch.float32, device=device)
 
     def get(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
         key = (name, dtype)
@@ -105,8 +108,13 @@ class _Scratch:
         return self._buffers[key][:n]
 
 
-def _norm_rope_chunk(out: Tensor, x: Tensor, weight: Tensor | None, freqs: Tensor, eps: float, buf: _Scratch):
-    """``out[:] = rope(rms_norm(x))`` for one chunk ``[n, H, D]``, keeping the reference's roundings."""
+def _norm_rope_chunk(
+    out: Tensor, x: Tensor, weight: Tensor | None, freqs: Tensor, eps: float, buf: _Scratch, rstd: Tensor | None
+):
+    """``out[:] = rope(rms_norm(x))`` for one chunk ``[n, H, D]``, keeping the reference's roundings.
+
+    ``rstd`` (``[n, H, 1]`` fp32) receives the RMSNorm's ``rsqrt(variance + eps)`` when given.
+    """
     n = x.shape[0]
     part_dtype = norm_dtype(x.dtype, weight)
     # xf is x.float(); fp32 inputs are used in place (strided views are fine for the norm ops).
@@ -115,15 +123,18 @@ def _norm_rope_chunk(out: Tensor, x: Tensor, weight: Tensor | None, freqs: Tenso
         y = xf
     else:
         work = buf.get("work", n)
-        rstd = buf.rstd[:n]
+        rstd = buf.rstd[:n] if rstd is None else rstd
         torch.mul(xf, xf, out=work)
         torch.mean(work, -1, keepdim=True, out=rstd)  # mean (= sum / D) to keep the reference's rounding
         rstd.add_(eps).rsqrt_()
-        # Writing x * rstd into a half buffer is RMSNorm's `.to(weight.dtype)` rounding; the weight
-        # multiply then runs in the weight's dtype (one more rounding) and is stored exactly in fp32.
-        z = buf.get("half", n, weight.dtype) if weight.dtype in _HALF_DTYPES else work
-        torch.mul(xf, rstd, out=z)
-        y = torch.mul(z, weight, out=work)
+        y = torch.mul(xf, rstd, out=work)
+        if weight.dtype in _HALF_DTYPES:
+            # RMSNorm's `.to(weight.dtype)` rounding, then the weight multiply in that dtype (one more
+            # rounding), stored exactly in fp32. Each op keeps one dtype: on CPU, writing a broadcast
+            # product straight into a buffer of another dtype takes a much slower casting loop.
+            y = work.copy_(buf.get("half", n, weight.dtype).copy_(y).mul_(weight))
+        else:
+            y.mul_(weight)
     if not _complex_viewable(y):
         y = buf.get("work", n).copy_(y)
     f = freqs.unsqueeze(1)  # [n, 1, D/2], broadcast over heads
@@ -137,13 +148,20 @@ def _norm_rope_chunk(out: Tensor, x: Tensor, weight: Tensor | None, freqs: Tenso
     out.copy_(rotated)
 
 
-def _norm_rope_into(out: Tensor, x: Tensor, weight: Tensor | None, freqs: Tensor, eps: float, buf: _Scratch):
-    """Write ``rope(rms_norm(x))`` into ``out`` (``[B, S, H, D]``) chunk by chunk."""
-    batch, seq = x.shape[:2]
+def _chunks(batch: int, seq: int, rows: int):
+    """``(b, slice)`` over every sample and every run of at most ``rows`` tokens."""
     for b in range(batch):
-        for start in range(0, seq, buf.rows):
-            stop = min(start + buf.rows, seq)
-            _norm_rope_chunk(out[b, start:stop], x[b, start:stop], weight, freqs[start:stop], eps, buf)
+        for start in range(0, seq, rows):
+            yield b, slice(start, min(start + rows, seq))
+
+
+def _norm_rope_into(
+    out: Tensor, x: Tensor, weight: Tensor | None, freqs: Tensor, eps: float, buf: _Scratch, rstd: Tensor | None
+):
+    """Write ``rope(rms_norm(x))`` into ``out`` (``[B, S, H, D]``) chunk by chunk, and ``rstd`` if given."""
+    for b, rows in _chunks(*x.shape[:2], buf.rows):
+        rstd_chunk = None if rstd is None else rstd[b, rows]
+        _norm_rope_chunk(out[b, rows], x[b, rows], weight, freqs[rows], eps, buf, rstd_chunk)
 
 
 def _chunk_rows(x: Tensor, seq: int) -> int:
@@ -153,20 +171,172 @@ def _chunk_rows(x: Tensor, seq: int) -> int:
     return max(1, _CPU_CHUNK_ELEMENTS_PER_THREAD * torch.get_num_threads() // (x.shape[2] * x.shape[3]))
 
 
-def _joint_fast(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs, eps):
-    """No-autograd path: fills slices of the preallocated joint outputs instead of cat."""
+def _joint_fast(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs, eps, rstds=(None,) * 4):
+    """No-autograd path: fills slices of the preallocated joint outputs instead of cat.
+
+    ``rstds`` (one ``[B, S, H, 1]`` fp32 tensor or None per input, in argument order) receive the
+    RMSNorm ``rstd`` of the inputs that have a weight, for the backward.
+    """
     w_img_q, w_img_k, w_txt_q, w_txt_k = weights
+    r_img_q, r_img_k, r_txt_q, r_txt_k = rstds
     batch, s_img, heads, head_dim = img_q.shape
     s_txt = txt_q.shape[1]
     buf = _Scratch(_chunk_rows(img_q, s_img + s_txt), heads, head_dim, img_q.device)
+    streams = (
+        ((txt_q, w_txt_q, r_txt_q), (img_q, w_img_q, r_img_q)),
+        ((txt_k, w_txt_k, r_txt_k), (img_k, w_img_k, r_img_k)),
+    )
     outputs = []
-    for (txt, w_txt), (img, w_img) in (((txt_q, w_txt_q), (img_q, w_img_q)), ((txt_k, w_txt_k), (img_k, w_img_k))):
+    for (txt, w_txt, r_txt), (img, w_img, r_img) in streams:
         dtype = torch.promote_types(norm_dtype(txt.dtype, w_txt), norm_dtype(img.dtype, w_img))
         joint = torch.empty(batch, s_txt + s_img, heads, head_dim, dtype=dtype, device=img.device)
-        _norm_rope_into(joint[:, :s_txt], txt, w_txt, txt_freqs, eps, buf)
-        _norm_rope_into(joint[:, s_txt:], img, w_img, img_freqs, eps, buf)
+        _norm_rope_into(joint[:, :s_txt], txt, w_txt, txt_freqs, eps, buf, r_txt)
+        _norm_rope_into(joint[:, s_txt:], img, w_img, img_freqs, eps, buf, r_img)
         outputs.append(joint)
     return outputs[0], outputs[1]
+
+
+def _norm_rope_backward_chunk(
+    grad_x: Tensor | None,
+    weight_grad: bool,
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    rstd: Tensor | None,
+    freqs_conj: Tensor,
+    buf: _Scratch,
+) -> Tensor | None:
+    """Backward of ``rope(rms_norm(x))`` for one chunk ``[n, H, D]``.
+
+    Fills ``grad_x`` (when not None) and returns this chunk's weight gradient, an fp32 ``[D]`` sum,
+    when ``weight_grad`` (else None). It rounds wherever autograd through diffusers' ops rounds: the
+    output gradient to the part's dtype (cat's backward), the rotated gradient to the part's dtype
+    (rope's ``.float()``), ``g * weight`` and ``g * (x * rstd)`` in the part's dtype (RMSNorm's weight
+    multiply), and the two x-gradient terms, through ``x * rstd`` and through
+    ``x.float().pow(2).mean()``, each to x's dtype before they are summed in x's dtype.
+    """
+    n, _, head_dim = x.shape
+    part_dtype = norm_dtype(x.dtype, weight)
+    if grad.dtype != part_dtype:
+        grad = buf.get("grad", n, part_dtype).copy_(grad)
+    rotated = buf.get("rotated", n)
+    if grad.dtype != torch.float32 or not _complex_viewable(grad):
+        grad = rotated.copy_(grad)
+    # The backward of the complex product: multiply by conj(freqs), i.e. rotate by -theta.
+    torch.mul(_as_complex(grad), freqs_conj.unsqueeze(1), out=_as_complex(rotated))
+    if weight is None:
+        grad_x.copy_(rotated)
+        return None
+    xf = x if x.dtype == torch.float32 else buf.get("xf", n).copy_(x)
+    half = part_dtype in _HALF_DTYPES
+    grad_y = buf.get("grad_y", n, part_dtype).copy_(rotated) if half else rotated
+    work = buf.get("work", n)
+    partial = None
+    if weight_grad:
+        # Recompute the forward's x * rstd (rounded to a half weight's dtype): its product with
+        # grad_y, in the part's dtype, is what autograd reduces to the weight gradient.
+        terms = torch.mul(xf, rstd, out=work)
+        if half:
+            terms = buf.get("terms", n, part_dtype).copy_(terms)
+        terms.mul_(grad_y)
+        partial = terms.sum((0, 1), dtype=torch.float32)
+    if grad_x is None:
+        return partial
+    if half:
+        grad_z = rotated.copy_(torch.mul(grad_y, weight, out=buf.get("grad_z", n, part_dtype)))
+    else:
+        grad_z = rotated.mul_(weight)
+    # The term through x * rstd, rounded to x's dtype (via fp32 buffers, see _norm_rope_chunk).
+    if x.dtype == torch.float32:
+        torch.mul(grad_z, rstd, out=grad_x)
+    else:
+        grad_x.copy_(torch.mul(grad_z, rstd, out=work))
+    dot = torch.mul(grad_z, xf, out=work).sum(-1, keepdim=True)  # d loss / d rstd
+    # rsqrt' = -0.5 * rstd**3, mean' = 1 / D, pow(2)' = 2 * x: autograd's ops in autograd's order.
+    coef = dot.mul_(-0.5).mul_(rstd.pow(3)).div_(head_dim).mul_(2)
+    variance_term = torch.mul(xf, coef, out=work)
+    if x.dtype != torch.float32:
+        variance_term = buf.get("variance_term", n, x.dtype).copy_(variance_term)  # rounded on its own
+    grad_x.add_(variance_term)
+    return partial
+
+
+def _norm_rope_backward_into(grad_x, weight_grad, grad, x, weight, rstd, freqs_conj, buf) -> Tensor | None:
+    """``_norm_rope_backward_chunk`` over every chunk of one ``[B, S, H, D]`` input.
+
+    Returns the weight gradient (fp32) when ``weight_grad``: the chunks' partial sums are summed in
+    one reduction at the end, so its rounding error grows like one cascade sum over all the tokens,
+    not with the number of chunks.
+    """
+    partials = []
+    for b, rows in _chunks(*x.shape[:2], buf.rows):
+        grad_x_chunk = None if grad_x is None else grad_x[b, rows]
+        rstd_chunk = None if rstd is None else rstd[b, rows]
+        partials.append(
+            _norm_rope_backward_chunk(
+                grad_x_chunk, weight_grad, grad[b, rows], x[b, rows], weight, rstd_chunk, freqs_conj[rows], buf
+            )
+        )
+    return torch.stack(partials).sum(0) if weight_grad else None
+
+
+class JointQKNormRopeFunction(torch.autograd.Function):
+    """Eager autograd path: the chunked forward of ``_joint_fast`` and a chunked backward.
+
+    The forward saves the inputs by reference and the fp32 ``rstd`` per (token, head) of each
+    normalised input; the backward walks the same cache-sized chunks, writes each input gradient
+    straight into its buffer and sums the chunks' fp32 weight-gradient partials in one reduction
+    (deterministic: no atomics, a fixed order). The
+    gradients equal autograd through diffusers' ``RMSNorm`` + ``apply_rotary_emb_qwen`` + ``torch.cat``
+    (see ``_norm_rope_backward_chunk``). The RoPE tables get no gradient (callers that need one use
+    ``_joint_differentiable``). Not twice differentiable: a backward with ``create_graph=True`` raises.
+    """
+
+    @staticmethod
+    def forward(ctx, img_q, img_k, txt_q, txt_k, w_img_q, w_img_k, w_txt_q, w_txt_k, img_freqs, txt_freqs, eps):
+        """``_joint_fast``, keeping what the backward needs."""
+        inputs = (img_q, img_k, txt_q, txt_k)
+        weights = (w_img_q, w_img_k, w_txt_q, w_txt_k)
+        rstds = tuple(
+            None if w is None else torch.empty(*x.shape[:3], 1, dtype=torch.float32, device=x.device)
+            for x, w in zip(inputs, weights)
+        )
+        joint_q, joint_k = _joint_fast(*inputs, weights, img_freqs, txt_freqs, eps, rstds)
+        ctx.save_for_backward(*inputs, *weights, img_freqs, txt_freqs, *rstds)
+        ctx.set_materialize_grads(False)
+        return joint_q, joint_k
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        """Gradients of the four inputs and weights (None where not needed); None for the tables and eps."""
+        if torch.is_grad_enabled():  # backward(create_graph=True): the ops below record no graph
+            raise RuntimeError(
+                "joint_qk_norm_rope: the eager torch backend is not twice differentiable, so backward with "
+                "create_graph=True is not supported; for higher-order gradients call it under torch.func "
+                "transforms (e.g. torch.func.grad), which take the functional path"
+            )
+        saved = ctx.saved_tensors
+        inputs, weights, (img_freqs, txt_freqs), rstds = saved[:4], saved[4:8], saved[8:10], saved[10:]
+        img_q, _, txt_q, _ = inputs
+        _, s_img, heads, head_dim = img_q.shape
+        s_txt = txt_q.shape[1]
+        buf = _Scratch(_chunk_rows(img_q, s_img + s_txt), heads, head_dim, img_q.device)
+        # The conjugate tables, materialised once (the reference multiplies by freqs.conj() too).
+        conj = {"img": img_freqs.conj_physical(), "txt": txt_freqs.conj_physical()}
+        grads = [None] * 11
+        for i, (x, weight, rstd) in enumerate(zip(inputs, weights, rstds)):
+            joint_grad = grad_q if i % 2 == 0 else grad_k
+            need_x = ctx.needs_input_grad[i]
+            need_w = weight is not None and ctx.needs_input_grad[4 + i]
+            if joint_grad is None or not (need_x or need_w):
+                continue
+            stream = "img" if i < 2 else "txt"
+            grad = joint_grad[:, s_txt:] if stream == "img" else joint_grad[:, :s_txt]
+            grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+            grad_w = _norm_rope_backward_into(grad_x, need_w, grad, x, weight, rstd, conj[stream], buf)
+            grads[i] = grad_x
+            grads[4 + i] = None if grad_w is None else grad_w.to(weight.dtype)
+        return tuple(grads)
 
 
 def _needs_autograd(tensors) -> bool:
@@ -189,11 +359,17 @@ def joint_qk_norm_rope_torch(
 ) -> tuple[Tensor, Tensor]:
     """Eager torch backend of ``joint_qk_norm_rope`` (inputs are assumed validated).
 
-    Uses the chunked no-grad path when nothing needs a gradient and we are not being compiled,
-    the functional path otherwise; both give the diffusers numbers.
+    Without autograd: the chunked no-grad path. With autograd: ``JointQKNormRopeFunction``,
+    except under ``torch.compile``, under ``torch.func`` transforms or when a RoPE table needs a
+    gradient, which take the functional path. All give the diffusers numbers.
     """
     weights = (img_q_weight, img_k_weight, txt_q_weight, txt_k_weight)
     args = (img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs, eps)
-    if torch.compiler.is_compiling() or _needs_autograd((img_q, img_k, txt_q, txt_k, img_freqs, txt_freqs, *weights)):
+    if torch.compiler.is_compiling():
         return _joint_differentiable(*args)
-    return _joint_fast(*args)
+    if not _needs_autograd((img_q, img_k, txt_q, txt_k, img_freqs, txt_freqs, *weights)):
+        return _joint_fast(*args)
+    # An autograd.Function without setup_context/vmap rules cannot run under torch.func transforms.
+    if img_freqs.requires_grad or txt_freqs.requires_grad or torch._C._are_functorch_transforms_active():
+        return _joint_differentiable(*args)
+    return JointQKNormRopeFunction.apply(img_q, img_k, txt_q, txt_k, *weights, img_freqs, txt_freqs, eps)
