@@ -19,8 +19,11 @@ from diffusers import (
 from tokenizers import AddedToken
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
+from .tiny import TINY_CONFIG
+
 TEXT_DIM = 32  # the text encoder's hidden size = the transformer's joint_attention_dim
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHECKPOINT_TRANSFORMER_CONFIG = {**TINY_CONFIG, "num_layers": 1, "joint_attention_dim": TEXT_DIM}
 
 
 def byte_level_alphabet() -> list[str]:
@@ -69,16 +72,8 @@ def tiny_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGene
 def tiny_pipeline() -> QwenImagePipeline:
     """All five components, random weights from seed 0, on the CPU in fp32."""
     torch.manual_seed(0)
-    transformer = DiffusersTransformer(
-        patch_size=2,
-        in_channels=16,  # = VAE z_dim 4 x the 2x2 latent patch
-        out_channels=4,
-        num_layers=1,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        axes_dims_rope=(8, 12, 12),
-    )
+    # tests/tiny.py's shapes (in_channels 16 = VAE z_dim 4 x the 2x2 latent patch), one block, TEXT_DIM text.
+    transformer = DiffusersTransformer(**CHECKPOINT_TRANSFORMER_CONFIG)
     vae = AutoencoderKLQwenImage(
         base_dim=8,
         z_dim=4,
@@ -123,15 +118,7 @@ def tiny_controlnet(extra_condition_channels: int = 0, seed: int = 0) -> QwenIma
     """
     torch.manual_seed(seed)
     controlnet = QwenImageControlNetModel(
-        patch_size=2,
-        in_channels=16,
-        out_channels=4,
-        num_layers=1,
-        attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        axes_dims_rope=(8, 12, 12),
-        extra_condition_channels=extra_condition_channels,
+        **CHECKPOINT_TRANSFORMER_CONFIG, extra_condition_channels=extra_condition_channels
     ).eval()
     # diffusers zero-initialises the control projections; random ones make the residuals reach the transformer.
     with torch.no_grad():
