@@ -25,16 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# vllm==0.30.0 + vllm-omni==0.30.0 (the extra) on top of the CPU torch 2.13.0 wheel: about
-# 2.5 minutes with a warm pip cache, several GB of downloads on the first install.
-# vllm pulls PyPI's torchvision, torchaudio and torchcodec, built against PyPI's CUDA torch: they
-# fail to load beside the CPU torch wheel and break `import vllm_omni`, which runs without them,
-# so they are uninstalled.
-$(VLLM_OMNI_STAMP): pyproject.toml
+# vllm==0.30.0 + vllm-omni==0.30.0 (the extra) on PyPI's build of torch 2.13.0 and torchvision 0.28.0.
+# vllm-omni's full engine needs torchvision (transformers' Qwen2-VL processor imports it), and PyPI's
+# torchvision loads only beside PyPI's torch (a CUDA build, which runs fine without a GPU; about
+# 9 GB in the venv). `torch===2.13.0` (string equality) asks for that build by name, so a local
+# 2.13.0+cpu wheel on pip's find-links is not taken instead.
+$(VLLM_OMNI_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
 	test -x $(VLLM_OMNI_PY) || $(PYTHON) -m venv $(VLLM_OMNI_VENV)
-	$(VLLM_OMNI_PY) -c "import torch" 2>/dev/null || $(VLLM_OMNI_PY) -m pip install -q torch==2.13.0
+	$(VLLM_OMNI_PY) -m pip install -q "torch===2.13.0" "torchvision===0.28.0"
 	$(VLLM_OMNI_PY) -m pip install -q -e ".[test,vllm-omni]"
-	$(VLLM_OMNI_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_OMNI_PY) -m pip install -q -e tests/support/cpu_platform
 	touch $(VLLM_OMNI_STAMP)
 
 test-vllm-omni: $(VLLM_OMNI_STAMP)

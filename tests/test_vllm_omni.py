@@ -248,11 +248,23 @@ def test_load_weights_reports_every_transformer_tensor(pipeline, checkpoint_tens
     assert loaded == {name for name, _ in pipeline.named_parameters() if name.startswith("transformer.")}
 
 
-def test_load_weights_rejects_a_missing_tensor(pipeline, checkpoint_tensors):
+def test_load_weights_rejects_a_missing_tensor_at_the_checkpoint_load(pipeline, checkpoint_tensors, monkeypatch):
+    monkeypatch.setattr(pipeline, "_transformer_weights_loaded", False)
     missing = "transformer_blocks.0.attn.norm_q.weight"
     weights = [(f"transformer.{name}", tensor) for name, tensor in checkpoint_tensors.items() if name != missing]
     with pytest.raises(ValueError, match=rf"missing transformer tensors: transformer\.{missing}$"):
         pipeline.load_weights(weights)
+
+
+def test_load_weights_after_the_checkpoint_load_takes_a_bucket(pipeline, checkpoint_tensors):
+    """RL weight sync sends buckets: a later call may bring any subset of the tensors."""
+    name = "transformer_blocks.0.attn.norm_q.weight"
+    parameter = dict(pipeline.transformer.named_parameters())[name]
+    try:
+        assert pipeline.load_weights([(f"transformer.{name}", checkpoint_tensors[name] + 1)]) == {f"transformer.{name}"}
+        torch.testing.assert_close(parameter, checkpoint_tensors[name] + 1, rtol=0, atol=0)
+    finally:
+        pipeline.load_weights([(f"transformer.{name}", checkpoint_tensors[name])])
 
 
 def test_load_weights_rejects_a_misshaped_tensor(pipeline, checkpoint_tensors):

@@ -178,12 +178,16 @@ class QwenImageOmniMixin:
             weights: ``(name, tensor)`` pairs as vllm-omni's loader streams them, each name prefixed
                 with ``"transformer."`` and otherwise diffusers' state-dict key.
 
+        The first call is the checkpoint load and must bring every transformer tensor. Later calls
+        are weight updates (an RL trainer syncing each step, often in buckets) and may bring any subset.
+
         Returns:
             The names loaded, prefixed as given (vllm-omni checks them against ``named_parameters``).
 
         Raises:
             ValueError: a name the transformer does not have, a tensor whose shape differs from the
-                parameter's, or transformer tensors missing from ``weights``; the message names them.
+                parameter's, or (first call only) transformer tensors missing from ``weights``; the
+                message names them.
         """
         targets = dict(self.transformer.named_parameters())
         targets.update(self.transformer.named_buffers())
@@ -204,10 +208,12 @@ class QwenImageOmniMixin:
             with torch.no_grad():
                 target.copy_(tensor)
             loaded.add(name)
+        first_load = not getattr(self, "_transformer_weights_loaded", False)
         missing = sorted({TRANSFORMER_PREFIX + name for name, _ in self.transformer.named_parameters()} - loaded)
-        if missing:
+        if missing and first_load:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing transformer tensors: {shown}")
+        self._transformer_weights_loaded = True
         return loaded
 
     def _build_denoise_kwargs(

@@ -1,0 +1,69 @@
+"""Run one vllm-omni engine job in this process and write what it produced (used by ``tests/vllm_omni_engine.py``).
+
+``python -m tests.support.engine_job JOB_DIR`` reads ``JOB_DIR/job.json``:
+
+- ``model``: checkpoint directory; ``engine``: extra ``Omni`` keyword arguments;
+- ``steps``: run in order, each one of
+  - ``{"generate": [prompt, ...], "sampling": {...}, "lora": {...} | None}``: one ``Omni.generate``
+    call; a prompt is a string or the name of a ``torch.save``'d dict in JOB_DIR (``prompt_embeds``,
+    ``prompt_embeds_mask``, ...); ``lora`` holds ``LoRARequest`` fields plus ``scale``;
+  - ``{"rpc": method, "args": [...]}``: ``collective_rpc`` on the diffusion stage's workers.
+
+It writes ``JOB_DIR/result.json`` (one entry per step: the RPC results, or the number of images) and
+``JOB_DIR/step<i>.npy``, the images of generate step ``i`` as one uint8 array ``(N, H, W, 3)``.
+The engine always carries the test probe (:mod:`qwen_image_omni_cpu_platform.probe`) as its worker
+extension, so ``probe_pipeline`` tells which classes serve it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROBE = "qwen_image_omni_cpu_platform.probe.EngineProbe"
+
+
+def load_prompt(job_dir: Path, prompt):
+    """A text prompt as is; a file name becomes the prompt dict saved there."""
+    if isinstance(prompt, str) and (job_dir / prompt).is_file():
+        return torch.load(job_dir / prompt)
+    return prompt
+
+
+def main(job_dir: Path) -> None:
+    """Start the engine, run the steps, write the results, close the engine."""
+    from vllm.lora.request import LoRARequest
+    from vllm_omni import Omni
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    job = json.loads((job_dir / "job.json").read_text())
+    engine = {"dtype": "float32", "enforce_eager": True, "worker_extension_cls": PROBE, **job.get("engine", {})}
+    omni = Omni(model=job["model"], **engine)
+    results = []
+    try:
+        for index, step in enumerate(job["steps"]):
+            if "rpc" in step:
+                reply = omni.engine.collective_rpc(step["rpc"], args=tuple(step.get("args", ())), stage_ids=[0])
+                results.append({"rpc": reply})
+                continue
+            sampling = OmniDiffusionSamplingParams(**step.get("sampling", {}))
+            if step.get("lora"):
+                lora = dict(step["lora"])
+                sampling.lora_scale = lora.pop("scale", 1.0)
+                sampling.lora_request = LoRARequest(**lora)
+            prompts = [load_prompt(job_dir, prompt) for prompt in step["generate"]]
+            outputs = omni.generate(prompts, sampling, use_tqdm=False)
+            images = [np.asarray(image.convert("RGB")) for output in outputs for image in output.images]
+            np.save(job_dir / f"step{index}.npy", np.stack(images))
+            results.append({"images": len(images)})
+    finally:
+        omni.close()
+    (job_dir / "result.json").write_text(json.dumps(results, default=str))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,65 @@
+"""vllm-omni's full engine on the CPU, for the ``vllm_omni_engine`` tests.
+
+Each job runs in a fresh process (``tests/support/engine_job.py``): the plugin registry, the
+platform and the engine's worker processes are per process, and a test compares an engine with
+our plugin against the same engine without it. The CPU platform comes from the test-support
+package ``tests/support/cpu_platform`` (``make test-vllm-omni`` installs it); ``VLLM_PLUGINS=cpu``
+loads that platform plugin alone, which leaves vllm-omni on its own Qwen-Image transformer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINE_TIMEOUT_S = 600
+
+
+def engine_env(*, plugin: bool) -> dict[str, str]:
+    """The environment of an engine process on the CPU platform, with or without our plugin."""
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("VLLM_PLUGINS", None)
+    if not plugin:
+        env["VLLM_PLUGINS"] = "cpu"
+    return env
+
+
+def run_engine_job(job_dir: Path, job: dict, *, plugin: bool = True, env: dict | None = None) -> dict:
+    """Run ``job`` (see ``tests/support/engine_job.py``) in ``job_dir``; its results and images.
+
+    Returns ``{"steps": [...], "images": {step index: uint8 (N, H, W, 3)}, "log": str}``. A job
+    that fails fails the test with the end of its log.
+    """
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "job.json").write_text(json.dumps(job))
+    process = subprocess.run(
+        [sys.executable, "-m", "tests.support.engine_job", str(job_dir)],
+        cwd=REPO,
+        env={**engine_env(plugin=plugin), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=ENGINE_TIMEOUT_S,
+    )
+    log = process.stdout + process.stderr
+    (job_dir / "engine.log").write_text(log)
+    if process.returncode != 0:
+        pytest.fail(f"engine job in {job_dir} exited with {process.returncode}:\n{log[-6000:]}")
+    steps = json.loads((job_dir / "result.json").read_text())
+    images = {index: np.load(job_dir / f"step{index}.npy") for index, step in enumerate(steps) if "images" in step}
+    return {"steps": steps, "images": images, "log": log}
+
+
+def has_cpu_platform() -> bool:
+    """Whether the test-support CPU platform package is installed."""
+    try:
+        import qwen_image_omni_cpu_platform  # noqa: F401
+    except ImportError:
+        return False
+    return True
