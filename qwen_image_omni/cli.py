@@ -536,7 +536,15 @@ def parse_device(name: str | None) -> torch.device:
 
 
 def check(args: argparse.Namespace) -> int:
-    """``qwen-image-omni check``: print the comparison table; 0 if ours matches diffusers, 1 otherwise."""
+    """``qwen-image-omni check``: print the comparison table; 0 if ours matches diffusers, 1 otherwise.
+
+    With ``--vllm-omni``: the vllm-omni plugin report instead
+    (:func:`qwen_image_omni.integrations.vllm_omni_check.check_vllm_omni`).
+    """
+    if args.vllm_omni:
+        from .integrations.vllm_omni_check import check_vllm_omni
+
+        return check_vllm_omni()
     device = parse_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if args.model else "fp32")]
     source = pretrained_source(args.model) if args.model else tiny_source()
@@ -667,6 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check_parser.add_argument("--dtype", choices=DTYPES, help="default: fp32 (tiny model), bf16 (--model)")
     check_parser.add_argument("--device", help="default: cuda when available, else cpu")
+    check_parser.add_argument(
+        "--vllm-omni",
+        action="store_true",
+        help="instead: is vllm-omni installed, does our plugin load and take every Qwen-Image architecture, "
+        "which engine features run on ours (exit 1 when the plugin fails)",
+    )
     check_parser.set_defaults(func=check)
 
     generate_parser = commands.add_parser(
