@@ -132,6 +132,15 @@ def table_row(out: str, name: str) -> str:
     return next(line for line in out.splitlines() if line.startswith(name + " "))
 
 
+def test_check_vllm_omni_without_vllm_omni_says_so_and_passes(capsys, monkeypatch):
+    """The vllm-omni report on a machine without vllm-omni (the plugin report itself: tests/test_vllm_omni_check.py)."""
+    from qwen_image_omni.integrations import vllm_omni_check
+
+    monkeypatch.setattr(vllm_omni_check, "installed_version", lambda distribution: None)
+    assert cli.main(["check", "--vllm-omni"]) == 0
+    assert capsys.readouterr().out.startswith("vllm-omni: not installed")
+
+
 def test_check_default_passes_and_shows_legacy_failures(capsys):
     assert cli.main(["check", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
