@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,6 +48,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import (  # noqa: E402
 from qwen_image_omni.pipelines.qwen_image_mix_grpo import QwenImageMixGRPO  # noqa: E402
 
 from .tiny_checkpoint import TEXT_DIM  # noqa: E402
+from .vllm_omni_engine import free_port  # noqa: E402
 
 ARCHITECTURES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageLayeredPipeline")
 SIZE = 64  # pixels: a 4x4 grid of packed latent tokens
@@ -57,13 +57,6 @@ WIDTH = 24  # the fixed width every prompt is padded to, wider than any valid le
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

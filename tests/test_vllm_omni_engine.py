@@ -31,19 +31,21 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from .tiny_checkpoint import TEXT_DIM  # noqa: E402
-from .vllm_omni_engine import REPO, engine_env, has_cpu_platform, run_engine_job  # noqa: E402
+from .vllm_omni_engine import (  # noqa: E402
+    OURS,
+    REPO,
+    VLLM_OMNI_OWN,
+    engine_env,
+    free_port,
+    has_cpu_platform,
+    run_engine_job,
+)
 
 if not has_cpu_platform():
-    pytest.skip("needs the test-support CPU platform (pip install -e tests/support/cpu_platform)", allow_module_level=True)
+    pytest.skip(
+        "needs the test-support CPU platform (pip install -e tests/support/cpu_platform)", allow_module_level=True
+    )
 
-OURS = {
-    "pipeline": "qwen_image_omni.integrations.vllm_omni.QwenImagePipeline",
-    "transformer": "qwen_image_omni.transformer.QwenImageTransformer2DModel",
-}
-VLLM_OMNI_OWN = {
-    "pipeline": "vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image.QwenImagePipeline",
-    "transformer": "vllm_omni.diffusion.models.qwen_image.qwen_image_transformer.QwenImageTransformer2DModel",
-}
 PROMPTS = ["a cat", "a red dog sitting on a green mat"]
 SAMPLING = {"height": 64, "width": 64, "num_inference_steps": 2, "seed": 0}
 VALID, WIDTH = 5, 24  # prompt-embeds rows: valid tokens, and the fixed width they are padded to
@@ -138,15 +140,6 @@ def test_weight_update_on_a_running_engine_equals_a_fresh_engine_with_those_weig
 
 
 # ----------------------------------------------------------------------------- vllm serve
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_health(url: str, server: subprocess.Popen, timeout_s: float = 600) -> None:

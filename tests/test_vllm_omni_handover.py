@@ -56,7 +56,9 @@ def test_pipeline_hands_the_engine_to_vllm_omni_own_pipeline_and_logs_why(od_con
     from vllm_omni.platforms import current_omni_platform
 
     sdpa = "vllm_omni.diffusion.attention.backends.sdpa.SDPABackend"
-    monkeypatch.setattr(type(current_omni_platform), "get_diffusion_attn_backend_cls", classmethod(lambda *_, **__: sdpa))
+    monkeypatch.setattr(
+        type(current_omni_platform), "get_diffusion_attn_backend_cls", classmethod(lambda *_, **__: sdpa)
+    )
     recorder = Recorder()
     monkeypatch.setattr(integration, "logger", recorder)
     monkeypatch.setattr(integration, "features_handed_to_vllm_omni", lambda config: [LACKING])

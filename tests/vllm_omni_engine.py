@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_TIMEOUT_S = 600
+
+
+OURS = {
+    "pipeline": "qwen_image_omni.integrations.vllm_omni.QwenImagePipeline",
+    "transformer": "qwen_image_omni.transformer.QwenImageTransformer2DModel",
+}
+"""What ``probe_pipeline`` answers for a text-to-image engine that serves our transformer."""
+VLLM_OMNI_OWN = {
+    "pipeline": "vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image.QwenImagePipeline",
+    "transformer": "vllm_omni.diffusion.models.qwen_image.qwen_image_transformer.QwenImageTransformer2DModel",
+}
+"""What ``probe_pipeline`` answers for a text-to-image engine on vllm-omni's own transformer."""
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def engine_env(*, plugin: bool) -> dict[str, str]:

@@ -69,19 +69,26 @@ ENGINE_FEATURES: tuple[EngineFeature, ...] = (
     EngineFeature(
         "Layerwise offload",
         "enable_layerwise_offload",
-        lambda c: bool(getattr(c, "enable_layerwise_offload", False))
-        or bool(getattr(c, "enable_distributed_layerwise_offload", False)),
+        lambda c: (
+            bool(getattr(c, "enable_layerwise_offload", False))
+            or bool(getattr(c, "enable_distributed_layerwise_offload", False))
+        ),
         native=True,
     ),
     EngineFeature(
-        "HSDP", "parallel_config.use_hsdp", lambda c: bool(getattr(getattr(c, "parallel_config", None), "use_hsdp", False)), native=True
+        "HSDP",
+        "parallel_config.use_hsdp",
+        lambda c: bool(getattr(getattr(c, "parallel_config", None), "use_hsdp", False)),
+        native=True,
     ),
     EngineFeature(
         "Sequence parallel (Ulysses / ring)",
         "ulysses_degree, ring_degree",
-        lambda c: _parallel(c, "ulysses_degree") > 1
-        or _parallel(c, "ring_degree") > 1
-        or _parallel(c, "sequence_parallel_size") > 1,
+        lambda c: (
+            _parallel(c, "ulysses_degree") > 1
+            or _parallel(c, "ring_degree") > 1
+            or _parallel(c, "sequence_parallel_size") > 1
+        ),
         native=False,
         why="the all-to-all lives in vllm-omni's attention layer, which our transformer does not use",
     ),
