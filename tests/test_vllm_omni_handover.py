@@ -46,6 +46,7 @@ def test_each_feature_ours_lacks_is_detected_from_the_engine_options(feature):
         "Attention backend choice": {"diffusion_attention_config": SimpleNamespace(default="FLASH_ATTN", per_role={})},
         "Tensor parallel": {"parallel_config": SimpleNamespace(tensor_parallel_size=2)},
         "Quantization": {"quantization_config": "fp8"},
+        "LoRA, distill loader": {"lora_backend": "distill"},
     }[feature.name]
     assert features_handed_to_vllm_omni(SimpleNamespace(**options)) == [feature]
 

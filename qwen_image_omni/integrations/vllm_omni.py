@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
+from vllm.logger import init_logger
 
 try:
     from vllm_omni.diffusion import registry as omni_registry
@@ -73,6 +74,11 @@ from ..pipelines.model_base import VllmOmniPipelineBase
 from ..pipelines.qwen_image_flow_grpo import QwenImageRolloutMixin, sde_scheduler
 from ..pipelines.qwen_image_mix_grpo import MIX_GRPO_ROLLOUT_OPTIONS, QwenImageMixGRPO, pin_sde_window_range
 from ..transformer import QwenImageTransformer2DModel
+from .vllm_omni_features import features_handed_to_vllm_omni
+from .vllm_omni_linear import diffusers_parameter_name, use_vllm_linear_layers
+from .vllm_omni_teacache import register_teacache_extractor
+
+logger = init_logger(__name__)
 
 __all__ = [
     "QwenImageEditPipeline",
@@ -108,6 +114,11 @@ def build_transformer(od_config: OmniDiffusionConfig, quant_config: Any = None) 
     model does not take (``_class_name``, ``pooled_projection_dim``, ...) are ignored, as diffusers'
     ``from_config`` does.
 
+    Every ``nn.Linear`` is swapped for vllm's ``ReplicatedLinear``
+    (:func:`~qwen_image_omni.integrations.vllm_omni_linear.use_vllm_linear_layers`): same state-dict
+    keys and outputs, and vllm-omni's LoRA manager (static ``lora_path``, per-request ``LoRARequest``)
+    can wrap them.
+
     Raises:
         ValueError: a quantization config is set; our transformer runs unquantized weights only.
     """
@@ -120,6 +131,7 @@ def build_transformer(od_config: OmniDiffusionConfig, quant_config: Any = None) 
     accepted = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
     config = {key: value for key, value in od_config.tf_model_config.to_dict().items() if key in accepted}
     transformer = QwenImageTransformer2DModel(**config)
+    use_vllm_linear_layers(transformer)
     # vllm-omni's pipelines read these as plain attributes (diffusers only has them on `.config`).
     transformer.in_channels = transformer.config.in_channels
     transformer.guidance_embeds = transformer.config.guidance_embeds
@@ -166,6 +178,39 @@ class QwenImageOmniMixin:
     vllm_omni_module: ClassVar[ModuleType]
     """The vllm-omni module whose constructor builds the transformer (its name is rebound while it runs)."""
 
+    hands_engines_to_vllm_omni: ClassVar[bool] = True
+    """An engine asking for a feature our transformer lacks gets vllm-omni's own pipeline (False: ValueError)."""
+
+    def __new__(cls, *, od_config: OmniDiffusionConfig, prefix: str = ""):
+        """This class, or vllm-omni's own pipeline when the engine asks for a feature ours does not support.
+
+        The hand-over is logged in one line naming the features and why
+        (:mod:`qwen_image_omni.integrations.vllm_omni_features`); the engine then runs exactly as
+        without our plugin.
+
+        Raises:
+            ValueError: the engine asks for such a feature and this pipeline has no vllm-omni
+                counterpart to hand over to (the RL rollout pipelines).
+        """
+        handed = features_handed_to_vllm_omni(od_config)
+        if not handed:
+            return super().__new__(cls)
+        reasons = "; ".join(f"{feature.name} ({feature.option}): {feature.why}" for feature in handed)
+        if not cls.hands_engines_to_vllm_omni:
+            raise ValueError(f"{cls.__name__} runs qwen-image-omni's transformer, which does not support {reasons}")
+        own = cls.vllm_omni_pipeline()
+        logger.warning(
+            "qwen-image-omni: serving %s with vllm-omni's own transformer, as the engine asks for %s",
+            own.__name__,
+            reasons,
+        )
+        return own(od_config=od_config, prefix=prefix)
+
+    @classmethod
+    def vllm_omni_pipeline(cls) -> type:
+        """vllm-omni's own pipeline class that this one extends."""
+        return next(base for base in cls.__mro__ if base.__module__ == cls.vllm_omni_module.__name__)
+
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
         """Build vllm-omni's pipeline with our transformer in place of vllm-omni's."""
         with _constructing_with_our_transformer(self.vllm_omni_module):
@@ -180,6 +225,9 @@ class QwenImageOmniMixin:
 
         The first call is the checkpoint load and must bring every transformer tensor. Later calls
         are weight updates (an RL trainer syncing each step, often in buckets) and may bring any subset.
+        Names stay diffusers' once vllm-omni's LoRA manager has wrapped layers (a wrapped layer's
+        ``to_q.base_layer.weight`` is loaded as ``to_q.weight``); LoRA adapters themselves are not
+        touched.
 
         Returns:
             The names loaded, prefixed as given (vllm-omni checks them against ``named_parameters``).
@@ -189,8 +237,8 @@ class QwenImageOmniMixin:
                 parameter's, or (first call only) transformer tensors missing from ``weights``; the
                 message names them.
         """
-        targets = dict(self.transformer.named_parameters())
-        targets.update(self.transformer.named_buffers())
+        targets = {diffusers_parameter_name(name): tensor for name, tensor in self.transformer.named_parameters()}
+        targets.update((diffusers_parameter_name(name), tensor) for name, tensor in self.transformer.named_buffers())
         loaded: set[str] = set()
         for name, tensor in weights:
             key = name.removeprefix(TRANSFORMER_PREFIX)
@@ -209,7 +257,10 @@ class QwenImageOmniMixin:
                 target.copy_(tensor)
             loaded.add(name)
         first_load = not getattr(self, "_transformer_weights_loaded", False)
-        missing = sorted({TRANSFORMER_PREFIX + name for name, _ in self.transformer.named_parameters()} - loaded)
+        expected = {
+            TRANSFORMER_PREFIX + diffusers_parameter_name(name) for name, _ in self.transformer.named_parameters()
+        }
+        missing = sorted(expected - loaded)
         if missing and first_load:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing transformer tensors: {shown}")
@@ -497,6 +548,8 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
     ``trajectory_log_probs`` ``(n, W)`` (None without ``logprobs``) and ``trajectory_timesteps`` ``(n, W)``.
     """
 
+    hands_engines_to_vllm_omni = False  # vllm-omni has no rollout pipeline with log-probs to hand over to
+
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
         """vllm-omni's pipeline with our transformer and the SDE scheduler."""
         super().__init__(od_config=od_config, prefix=prefix)
@@ -616,7 +669,9 @@ def register() -> None:
     """vllm-omni plugin entry point: serve the Qwen-Image architectures with this module's pipelines.
 
     Called by ``vllm_omni.plugins.load_omni_general_plugins`` once in every vllm-omni process.
-    Idempotent: registering again rewrites the same registry entries.
+    Idempotent: registering again rewrites the same registry entries. Also registers vllm-omni's
+    TeaCache extractor for our transformer (:mod:`qwen_image_omni.integrations.vllm_omni_teacache`).
     """
     for architecture, process_functions in PIPELINES.items():
         omni_registry.register_diffusion_model(architecture, __name__, architecture, **process_functions)
+    register_teacache_extractor()

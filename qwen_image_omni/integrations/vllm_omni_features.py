@@ -64,6 +64,13 @@ ENGINE_FEATURES: tuple[EngineFeature, ...] = (
         native=True,
     ),
     EngineFeature("LoRA (static)", "lora_path", lambda c: bool(getattr(c, "lora_path", None)), native=True),
+    EngineFeature(
+        "LoRA, distill loader",
+        'lora_backend="distill"',
+        lambda c: str(getattr(c, "lora_backend", "peft")).lower().endswith("distill"),
+        native=False,
+        why="vllm-omni's distill loader renames to_out.0 to to_out, a module only vllm-omni's transformer has",
+    ),
     # A request's LoRARequest is not known at engine start, so it can never hand an engine over.
     EngineFeature("LoRA (per request, updated between requests)", "LoRARequest", lambda c: False, native=True),
     EngineFeature(

@@ -7,7 +7,9 @@
   - ``{"generate": [prompt, ...], "sampling": {...}, "lora": {...} | None}``: one ``Omni.generate``
     call; a prompt is a string or the name of a ``torch.save``'d dict in JOB_DIR (``prompt_embeds``,
     ``prompt_embeds_mask``, ...); ``lora`` holds ``LoRARequest`` fields plus ``scale``;
-  - ``{"rpc": method, "args": [...]}``: ``collective_rpc`` on the diffusion stage's workers.
+  - ``{"rpc": method, "args": [...]}``: ``collective_rpc`` on the diffusion stage's workers;
+  - ``{"copy": [source, destination]}``: copy a file or directory (relative to JOB_DIR) over another
+    between requests, e.g. a LoRA adapter a trainer rewrites in place.
 
 It writes ``JOB_DIR/result.json`` (one entry per step: the RPC results, or the number of images) and
 ``JOB_DIR/step<i>.npy``, the images of generate step ``i`` as one uint8 array ``(N, H, W, 3)``.
@@ -18,6 +20,7 @@ extension, so ``probe_pipeline`` tells which classes serve it.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,6 +52,14 @@ def main(job_dir: Path) -> None:
             if "rpc" in step:
                 reply = omni.engine.collective_rpc(step["rpc"], args=tuple(step.get("args", ())), stage_ids=[0])
                 results.append({"rpc": reply})
+                continue
+            if "copy" in step:
+                source, destination = (job_dir / name for name in step["copy"])
+                if source.is_dir():
+                    shutil.copytree(source, destination, dirs_exist_ok=True)
+                else:
+                    shutil.copy(source, destination)
+                results.append({"copy": step["copy"]})
                 continue
             sampling = OmniDiffusionSamplingParams(**step.get("sampling", {}))
             if step.get("lora"):

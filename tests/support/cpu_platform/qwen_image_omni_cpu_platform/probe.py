@@ -33,3 +33,15 @@ class EngineProbe:
             (f"transformer.{name}", tensor) for name, tensor in tensors.items()
         )
         return len(loaded)
+
+    def probe_lora(self) -> dict[str, Any]:
+        """The worker's LoRA state: the active and suspended adapter ids, the cached ids, the wrapped layers."""
+        manager = getattr(self, "lora_manager", None)
+        if manager is None:
+            return {"active": None, "suspended": None, "registered": [], "wrapped": []}
+        return {
+            "active": manager._active_adapter_id,
+            "suspended": manager._suspended_adapter_id,
+            "registered": sorted(manager.list_adapters()),
+            "wrapped": sorted(manager._lora_modules),
+        }

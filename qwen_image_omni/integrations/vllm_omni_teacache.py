@@ -1,0 +1,180 @@
+"""vllm-omni TeaCache (``cache_backend="tea_cache"``) for our Qwen-Image transformer.
+
+vllm-omni's TeaCache hook replaces the transformer's ``forward`` and asks an *extractor*, looked
+up by the transformer's class name, to split one forward into: the block inputs, the modulated
+input of block 0 (what TeaCache compares between steps), a callable running the blocks, and a
+callable for the output head. vllm-omni's extractor for ``QwenImageTransformer2DModel`` reads the
+internals of vllm-omni's own transformer (``image_rope_prepare``, ``txt_seq_lens``, ...), which
+ours, sharing the class name, does not have.
+
+:func:`register_teacache_extractor` (called by the plugin's ``register``) puts a dispatcher under
+that name: our transformer goes to :func:`extract_teacache_context`, anything else (vllm-omni's
+own transformer, in an engine started without our pipelines) to the extractor vllm-omni had
+registered. The polynomial that rescales TeaCache's relative L1 distances is vllm-omni's
+Qwen-Image one (:func:`teacache_coefficients`); vllm-omni's backend picks it by the same class name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from vllm_omni.diffusion.cache.teacache import config as teacache_config
+from vllm_omni.diffusion.cache.teacache import extractors as teacache_extractors
+from vllm_omni.diffusion.cache.teacache.extractors import CacheContext
+
+from ..transformer import (
+    QwenImageTransformer2DModel,
+    _check_cp_split,
+    _modulate,
+    _timestep_tensor,
+    _warn_txt_seq_lens_ignored,
+)
+
+__all__ = ["extract_teacache_context", "register_teacache_extractor", "teacache_coefficients"]
+
+TRANSFORMER_TYPE = QwenImageTransformer2DModel.__name__
+"""The registry key vllm-omni derives from ``type(pipeline.transformer).__name__`` (shared with vllm-omni's class)."""
+
+
+def teacache_coefficients() -> list[float]:
+    """vllm-omni's TeaCache rescaling polynomial for Qwen-Image (5 coefficients, highest power first).
+
+    Read from vllm-omni's table at call time, so a vllm-omni that retunes them is followed.
+    """
+    return list(teacache_config._MODEL_COEFFICIENTS[TRANSFORMER_TYPE])
+
+
+def extract_teacache_context(
+    module: QwenImageTransformer2DModel,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_hidden_states_mask: torch.Tensor | None = None,
+    timestep: torch.Tensor | None = None,
+    img_shapes: list | None = None,
+    guidance: torch.Tensor | None = None,
+    attention_kwargs: dict[str, Any] | None = None,
+    controlnet_block_samples: list[torch.Tensor] | None = None,
+    additional_t_cond: torch.Tensor | None = None,
+    return_dict: bool = True,
+    **legacy_kwargs: Any,
+) -> CacheContext:
+    """Split one forward of our transformer into vllm-omni's TeaCache :class:`CacheContext`.
+
+    Takes :meth:`QwenImageTransformer2DModel.forward`'s arguments, checks them as ``forward`` does,
+    and runs the part before the blocks (``img_in``, ``txt_norm``/``txt_in``, ``time_text_embed``,
+    RoPE from the text width). ``run_transformer_blocks()`` then runs the blocks (and ControlNet
+    residuals) and ``postprocess(h)`` ``norm_out``/``proj_out``: run in turn, they give ``forward``'s
+    output. The modulated input is block 0's AdaLN-modulated image stream (the tensor its attention
+    takes).
+
+    Raises:
+        NotImplementedError: a LoRA ``scale`` other than 1 in ``attention_kwargs`` (PEFT scaling is
+            not applied on the TeaCache path).
+        ValueError, TypeError: invalid inputs, as ``forward`` raises them.
+    """
+    if legacy_kwargs.pop("txt_seq_lens", None) is not None:
+        _warn_txt_seq_lens_ignored()  # as forward: the text RoPE length is encoder_hidden_states.shape[1]
+    if legacy_kwargs:
+        raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(sorted(legacy_kwargs))}")
+    if guidance is not None:
+        raise ValueError("`guidance` must be None: Qwen-Image transformers have no guidance embedding")
+    attention_kwargs = dict(attention_kwargs or {})
+    if attention_kwargs.pop("scale", 1.0) != 1.0:
+        raise NotImplementedError("a LoRA `scale` in attention_kwargs is not supported with vllm-omni's TeaCache")
+
+    # Inputs, as forward() prepares them.
+    timestep = _timestep_tensor(timestep, hidden_states)
+    shapes = module._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes)
+    batch_size, image_tokens = hidden_states.shape[:2]
+    text_width = encoder_hidden_states.shape[1]  # the text RoPE length
+    text_mask = module._text_attention_mask(encoder_hidden_states_mask, batch_size, text_width)
+    _check_cp_split(module._parallel_config, text_width, image_tokens)
+    additional_t_cond = module._check_additional_t_cond(additional_t_cond, batch_size)
+    module._check_controlnet_block_samples(controlnet_block_samples, batch_size, image_tokens)
+    if text_mask is not None:
+        encoder_hidden_states = encoder_hidden_states.masked_fill(~text_mask.unsqueeze(-1), 0)
+
+    image = module.img_in(hidden_states).clone()
+    timestep = timestep.reshape(-1).to(image.dtype)
+    modulate_index = None
+    if module.zero_cond_t:
+        if additional_t_cond is not None:
+            timestep = timestep.expand(batch_size)
+            additional_t_cond = additional_t_cond.expand(batch_size).repeat(2)
+        timestep = torch.cat([timestep, timestep * 0], dim=0)
+        modulate_index = module._modulate_index(shapes, batch_size, image_tokens, image.device)
+    text = module.txt_in(module.txt_norm(encoder_hidden_states)).clone()
+    temb = module.time_text_embed(timestep, image, additional_t_cond)
+    rotary = module.pos_embed([list(shapes)], max_txt_seq_len=text_width, device=image.device)
+    head_temb = temb.chunk(2, dim=0)[0] if module.zero_cond_t else temb
+
+    # What TeaCache compares between steps: block 0's modulated image stream.
+    block0 = module.transformer_blocks[0]
+    img_mod1 = block0.img_mod(temb).chunk(2, dim=-1)[0]
+    modulated_input, _ = _modulate(block0.img_norm1(image), img_mod1, modulate_index)
+
+    def run_transformer_blocks() -> tuple[torch.Tensor, torch.Tensor]:
+        """All blocks (plus ControlNet residuals) on the prepared inputs: ``(image, text)`` streams."""
+        h, e = image, text
+        for index, block in enumerate(module.transformer_blocks):
+            e, h = block(
+                hidden_states=h,
+                encoder_hidden_states=e,
+                encoder_hidden_states_mask=text_mask,
+                temb=temb,
+                image_rotary_emb=rotary,
+                joint_attention_kwargs=attention_kwargs,
+                modulate_index=modulate_index,
+            )
+            if controlnet_block_samples is not None:
+                interval = math.ceil(len(module.transformer_blocks) / len(controlnet_block_samples))
+                h = h + controlnet_block_samples[index // interval]
+        return h, e
+
+    def postprocess(h: torch.Tensor) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """The output head on the image stream, returned as forward returns it."""
+        output = module.proj_out(module.norm_out(h, head_temb))
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    return CacheContext(
+        modulated_input=modulated_input,
+        hidden_states=image,
+        encoder_hidden_states=text,
+        temb=temb,
+        run_transformer_blocks=run_transformer_blocks,
+        postprocess=postprocess,
+    )
+
+
+def _dispatching_extractor(fallback: Callable[..., CacheContext]) -> Callable[..., CacheContext]:
+    """An extractor sending our transformer to :func:`extract_teacache_context`, any other to ``fallback``."""
+
+    def extract(module: torch.nn.Module, *args: Any, **kwargs: Any) -> CacheContext:
+        if isinstance(module, QwenImageTransformer2DModel):
+            return extract_teacache_context(module, *args, **kwargs)
+        return fallback(module, *args, **kwargs)
+
+    extract.fallback = fallback
+    return extract
+
+
+def register_teacache_extractor() -> None:
+    """Register the TeaCache extractor for ``QwenImageTransformer2DModel`` with vllm-omni.
+
+    The registered function dispatches by type: our transformer → :func:`extract_teacache_context`,
+    anything else → the extractor vllm-omni had registered under that name. Idempotent: calling it
+    again keeps the dispatcher in place (it never wraps itself).
+    """
+    current = teacache_extractors.EXTRACTOR_REGISTRY.get(TRANSFORMER_TYPE)
+    if getattr(current, "fallback", None) is not None:
+        return
+    fallback = current if current is not None else _no_fallback
+    teacache_extractors.register_extractor(TRANSFORMER_TYPE, _dispatching_extractor(fallback))
+
+
+def _no_fallback(module: torch.nn.Module, *args: Any, **kwargs: Any) -> CacheContext:
+    raise ValueError(f"no vllm-omni TeaCache extractor for {type(module).__module__}.{type(module).__qualname__}")
