@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -142,10 +142,6 @@ class QwenDoubleStreamAttnProcessor:
         if image_rotary_emb is None:
             raise ValueError("QwenDoubleStreamAttnProcessor requires `image_rotary_emb` = (img_freqs, txt_freqs)")
 
-        if encoder_hidden_states_mask is not None:
-            image_mask = encoder_hidden_states_mask.new_ones(hidden_states.shape[:2])
-            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
-
         seq_txt = encoder_hidden_states.shape[1]
         # A fixed head_dim with -1 heads keeps this tensor-parallel agnostic (each rank holds heads // tp).
         head_dim = attn.inner_dim // attn.heads
@@ -173,24 +169,7 @@ class QwenDoubleStreamAttnProcessor:
         )
         joint_value = torch.cat([txt_value, img_value], dim=1)
 
-        parallel_config = self._parallel_config
-        if attention_mask is not None and _ring_degree(parallel_config) > 1:
-            # diffusers' ring attention applies this rank's mask to every KV chunk it rotates in (wrong
-            # numbers); gather K, V and the mask instead, as its all-gather ring does, and attend locally.
-            joint_key, joint_value, attention_mask = _gather_kv_and_mask(
-                joint_key, joint_value, attention_mask, parallel_config
-            )
-            parallel_config = None
-        joint_hidden_states = dispatch_attention_fn(
-            joint_query,
-            joint_key,
-            joint_value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=parallel_config,
-        )
+        joint_hidden_states = self._attend(joint_query, joint_key, joint_value, encoder_hidden_states_mask, seq_txt)
         joint_hidden_states = joint_hidden_states.flatten(2, 3).to(joint_query.dtype)
 
         txt_attn_output = joint_hidden_states[:, :seq_txt, :]
@@ -200,6 +179,44 @@ class QwenDoubleStreamAttnProcessor:
             img_attn_output = attn.to_out[1](img_attn_output)  # dropout
         txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
         return img_attn_output, txt_attn_output
+
+    def _attend(
+        self,
+        joint_query: torch.Tensor,
+        joint_key: torch.Tensor,
+        joint_value: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        seq_txt: int,
+    ) -> torch.Tensor:
+        """Attention over the ``[text, image]`` tokens ``[B, S, H, D]`` (text first, ``seq_txt`` of them).
+
+        ``text_mask`` is the ``[B, seq_txt]`` keep-mask of the text tokens (None: all valid); image
+        tokens are always valid. Returns ``[B, S, H, D]``. Serving engines override this method to
+        run their own attention layer.
+        """
+        attention_mask = None
+        if text_mask is not None:
+            image_mask = text_mask.new_ones((joint_query.shape[0], joint_query.shape[1] - seq_txt))
+            attention_mask = torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]
+
+        parallel_config = self._parallel_config
+        if attention_mask is not None and _ring_degree(parallel_config) > 1:
+            # diffusers' ring attention applies this rank's mask to every KV chunk it rotates in (wrong
+            # numbers); gather K, V and the mask instead, as its all-gather ring does, and attend locally.
+            joint_key, joint_value, attention_mask = _gather_kv_and_mask(
+                joint_key, joint_value, attention_mask, parallel_config
+            )
+            parallel_config = None
+        return dispatch_attention_fn(
+            joint_query,
+            joint_key,
+            joint_value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=parallel_config,
+        )
 
 
 def _modulate(
@@ -304,6 +321,24 @@ class QwenImageTransformerBlock(nn.Module):
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states
+
+
+def _is_transformer_block(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` is one double-stream block (vllm-omni's HSDP shards each block as one unit)."""
+    return isinstance(module, QwenImageTransformerBlock)
+
+
+class BlockInputs(NamedTuple):
+    """What the blocks take, as :meth:`QwenImageTransformer2DModel._prepare_blocks` builds it."""
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    encoder_hidden_states_mask: torch.Tensor | None
+    temb: torch.Tensor
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    attention_kwargs: dict[str, Any] | None
+    modulate_index: torch.Tensor | None
+    controlnet_block_samples: list[torch.Tensor] | None
 
 
 def _check_config(*, out_channels, axes_dims_rope, num_layers, attention_head_dim, **sizes) -> None:
@@ -416,6 +451,10 @@ class QwenImageTransformer2DModel(
     _no_split_modules = ["QwenImageTransformerBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _repeated_blocks = ["QwenImageTransformerBlock"]
+    # vllm-omni reads these two (diffusers ignores them): the block list its layerwise offload streams,
+    # and the modules its HSDP wraps with FSDP2 one by one (the root takes the rest).
+    _layerwise_offload_blocks_attrs = ["transformer_blocks"]
+    _hsdp_shard_conditions = [_is_transformer_block]
     _cp_plan = {
         "transformer_blocks.0": {
             "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
@@ -695,6 +734,31 @@ class QwenImageTransformer2DModel(
             `Transformer2DModelOutput` with `sample` of shape `(batch, image_tokens, patch_size**2 * out_channels)`,
             or a 1-tuple when `return_dict=False`.
         """
+        blocks = self._prepare_blocks(
+            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, guidance,
+            attention_kwargs, controlnet_block_samples, additional_t_cond, legacy_kwargs,
+        )  # fmt: skip
+        hidden_states, _ = self._run_blocks(blocks)
+        return self._output_head(hidden_states, blocks, return_dict)
+
+    def _prepare_blocks(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor | None,
+        timestep: torch.Tensor,
+        img_shapes: list | None,
+        guidance: torch.Tensor | None,
+        attention_kwargs: dict[str, Any] | None,
+        controlnet_block_samples: list[torch.Tensor] | None,
+        additional_t_cond: torch.Tensor | None,
+        legacy_kwargs: dict[str, Any],
+    ) -> BlockInputs:
+        """:meth:`forward` up to the blocks: check the inputs, embed them, build the RoPE tables.
+
+        Serving engines that split one forward (vllm-omni's TeaCache) call this,
+        :meth:`_run_blocks` and :meth:`_output_head` in turn, as :meth:`forward` does.
+        """
         if legacy_kwargs.pop("txt_seq_lens", None) is not None:
             _warn_txt_seq_lens_ignored()
         if legacy_kwargs:
@@ -735,35 +799,47 @@ class QwenImageTransformer2DModel(
         encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states)).clone()
         temb = self.time_text_embed(timestep, hidden_states, additional_t_cond)
         image_rotary_emb = self.pos_embed([list(shapes)], max_txt_seq_len=text_width, device=hidden_states.device)
+        return BlockInputs(
+            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
+            attention_kwargs, modulate_index, controlnet_block_samples,
+        )  # fmt: skip
 
+    def _run_blocks(self, blocks: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block (and the ControlNet residuals) on :meth:`_prepare_blocks`' output: ``(image, text)``."""
+        hidden_states, encoder_hidden_states = blocks.hidden_states, blocks.encoder_hidden_states
+        controlnet_block_samples = blocks.controlnet_block_samples
         for index_block, block in enumerate(self.transformer_blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
                     block,
                     hidden_states,
                     encoder_hidden_states,
-                    encoder_hidden_states_mask,
-                    temb,
-                    image_rotary_emb,
-                    attention_kwargs,
-                    modulate_index,
+                    blocks.encoder_hidden_states_mask,
+                    blocks.temb,
+                    blocks.image_rotary_emb,
+                    blocks.attention_kwargs,
+                    blocks.modulate_index,
                 )
             else:
                 encoder_hidden_states, hidden_states = block(
                     hidden_states=hidden_states,
                     encoder_hidden_states=encoder_hidden_states,
-                    encoder_hidden_states_mask=encoder_hidden_states_mask,
-                    temb=temb,
-                    image_rotary_emb=image_rotary_emb,
-                    joint_attention_kwargs=attention_kwargs,
-                    modulate_index=modulate_index,
+                    encoder_hidden_states_mask=blocks.encoder_hidden_states_mask,
+                    temb=blocks.temb,
+                    image_rotary_emb=blocks.image_rotary_emb,
+                    joint_attention_kwargs=blocks.attention_kwargs,
+                    modulate_index=blocks.modulate_index,
                 )
             if controlnet_block_samples is not None:
                 interval = math.ceil(len(self.transformer_blocks) / len(controlnet_block_samples))
                 hidden_states = hidden_states + controlnet_block_samples[index_block // interval]
+        return hidden_states, encoder_hidden_states
 
-        if self.zero_cond_t:
-            temb = temb.chunk(2, dim=0)[0]
+    def _output_head(
+        self, hidden_states: torch.Tensor, blocks: BlockInputs, return_dict: bool = True
+    ) -> tuple[torch.Tensor] | Transformer2DModelOutput:
+        """``norm_out`` and ``proj_out`` on the image stream, returned as :meth:`forward` returns it."""
+        temb = blocks.temb.chunk(2, dim=0)[0] if self.zero_cond_t else blocks.temb
         output = self.proj_out(self.norm_out(hidden_states, temb))
         if not return_dict:
             return (output,)

@@ -196,3 +196,17 @@ def test_server_answers_image_generation_with_a_png_equal_to_offline(server, our
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     np.testing.assert_array_equal(image, ours["images"][1][0])
     assert "QwenImagePipeline -> qwen_image_omni.integrations.vllm_omni.QwenImagePipeline" in log_path.read_text()
+
+
+# ----------------------------------------------------------------------------- cache-dit
+
+
+def test_cache_dit_engine_with_ours_equals_vllm_omni_own_transformer(checkpoint, tmp_path):
+    """``cache_backend="cache_dit"``: ours serves it, and the images equal vllm-omni's own transformer under it."""
+    steps = [{"rpc": "probe_pipeline"}, {"generate": PROMPTS, "sampling": {**SAMPLING, "num_inference_steps": 6}}]
+    job = {"model": str(checkpoint), "engine": {"cache_backend": "cache_dit"}, "steps": steps}
+    ours = run_engine_job(tmp_path / "ours", job, plugin=True)
+    own = run_engine_job(tmp_path / "own", job, plugin=False)
+    assert ours["steps"][0]["rpc"] == [[OURS]] and own["steps"][0]["rpc"] == [[VLLM_OMNI_OWN]]
+    assert "Enabling cache-dit on transformer" in ours["log"]
+    np.testing.assert_array_equal(ours["images"][1], own["images"][1])

@@ -42,8 +42,7 @@ def test_a_default_engine_config_asks_for_nothing_handed_over(od_config):  # noq
 @pytest.mark.parametrize("feature", [f for f in ENGINE_FEATURES if not f.native], ids=lambda f: f.name)
 def test_each_feature_ours_lacks_is_detected_from_the_engine_options(feature):
     options = {
-        "Sequence parallel (Ulysses / ring)": {"parallel_config": SimpleNamespace(ulysses_degree=2)},
-        "Attention backend choice": {"diffusion_attention_config": SimpleNamespace(default="FLASH_ATTN", per_role={})},
+        "Sequence parallel, ring": {"parallel_config": SimpleNamespace(ring_degree=2)},
         "Tensor parallel": {"parallel_config": SimpleNamespace(tensor_parallel_size=2)},
         "Quantization": {"quantization_config": "fp8"},
         "LoRA, distill loader": {"lora_backend": "distill"},

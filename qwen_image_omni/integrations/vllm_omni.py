@@ -76,6 +76,7 @@ from ..pipelines.qwen_image_mix_grpo import MIX_GRPO_ROLLOUT_OPTIONS, QwenImageM
 from ..transformer import QwenImageTransformer2DModel
 from .vllm_omni_features import features_handed_to_vllm_omni
 from .vllm_omni_linear import diffusers_parameter_name, use_vllm_linear_layers
+from .vllm_omni_parallel import route_attention_through_vllm_omni, wants_vllm_omni_attention
 from .vllm_omni_teacache import register_teacache_extractor
 
 logger = init_logger(__name__)
@@ -119,6 +120,10 @@ def build_transformer(od_config: OmniDiffusionConfig, quant_config: Any = None) 
     keys and outputs, and vllm-omni's LoRA manager (static ``lora_path``, per-request ``LoRARequest``)
     can wrap them.
 
+    When the engine names a diffusion attention backend or runs sequence parallel, the blocks
+    attend through vllm-omni's ``Attention`` and the instance carries vllm-omni's ``_sp_plan``
+    (:mod:`~qwen_image_omni.integrations.vllm_omni_parallel`).
+
     Raises:
         ValueError: a quantization config is set; our transformer runs unquantized weights only.
     """
@@ -132,6 +137,8 @@ def build_transformer(od_config: OmniDiffusionConfig, quant_config: Any = None) 
     config = {key: value for key, value in od_config.tf_model_config.to_dict().items() if key in accepted}
     transformer = QwenImageTransformer2DModel(**config)
     use_vllm_linear_layers(transformer)
+    if wants_vllm_omni_attention(od_config):  # at construction: vllm-omni's Attention reads the current config
+        route_attention_through_vllm_omni(transformer, od_config)
     # vllm-omni's pipelines read these as plain attributes (diffusers only has them on `.config`).
     transformer.in_channels = transformer.config.in_channels
     transformer.guidance_embeds = transformer.config.guidance_embeds

@@ -16,23 +16,15 @@ Qwen-Image one (:func:`teacache_coefficients`); vllm-omni's backend picks it by 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from vllm_omni.diffusion.cache.teacache import config as teacache_config
 from vllm_omni.diffusion.cache.teacache import extractors as teacache_extractors
 from vllm_omni.diffusion.cache.teacache.extractors import CacheContext
 
-from ..transformer import (
-    QwenImageTransformer2DModel,
-    _check_cp_split,
-    _modulate,
-    _timestep_tensor,
-    _warn_txt_seq_lens_ignored,
-)
+from ..transformer import QwenImageTransformer2DModel, _modulate
 
 __all__ = ["extract_teacache_context", "register_teacache_extractor", "teacache_coefficients"]
 
@@ -76,77 +68,26 @@ def extract_teacache_context(
             not applied on the TeaCache path).
         ValueError, TypeError: invalid inputs, as ``forward`` raises them.
     """
-    if legacy_kwargs.pop("txt_seq_lens", None) is not None:
-        _warn_txt_seq_lens_ignored()  # as forward: the text RoPE length is encoder_hidden_states.shape[1]
-    if legacy_kwargs:
-        raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(sorted(legacy_kwargs))}")
-    if guidance is not None:
-        raise ValueError("`guidance` must be None: Qwen-Image transformers have no guidance embedding")
     attention_kwargs = dict(attention_kwargs or {})
     if attention_kwargs.pop("scale", 1.0) != 1.0:
         raise NotImplementedError("a LoRA `scale` in attention_kwargs is not supported with vllm-omni's TeaCache")
-
-    # Inputs, as forward() prepares them.
-    timestep = _timestep_tensor(timestep, hidden_states)
-    shapes = module._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes)
-    batch_size, image_tokens = hidden_states.shape[:2]
-    text_width = encoder_hidden_states.shape[1]  # the text RoPE length
-    text_mask = module._text_attention_mask(encoder_hidden_states_mask, batch_size, text_width)
-    _check_cp_split(module._parallel_config, text_width, image_tokens)
-    additional_t_cond = module._check_additional_t_cond(additional_t_cond, batch_size)
-    module._check_controlnet_block_samples(controlnet_block_samples, batch_size, image_tokens)
-    if text_mask is not None:
-        encoder_hidden_states = encoder_hidden_states.masked_fill(~text_mask.unsqueeze(-1), 0)
-
-    image = module.img_in(hidden_states).clone()
-    timestep = timestep.reshape(-1).to(image.dtype)
-    modulate_index = None
-    if module.zero_cond_t:
-        if additional_t_cond is not None:
-            timestep = timestep.expand(batch_size)
-            additional_t_cond = additional_t_cond.expand(batch_size).repeat(2)
-        timestep = torch.cat([timestep, timestep * 0], dim=0)
-        modulate_index = module._modulate_index(shapes, batch_size, image_tokens, image.device)
-    text = module.txt_in(module.txt_norm(encoder_hidden_states)).clone()
-    temb = module.time_text_embed(timestep, image, additional_t_cond)
-    rotary = module.pos_embed([list(shapes)], max_txt_seq_len=text_width, device=image.device)
-    head_temb = temb.chunk(2, dim=0)[0] if module.zero_cond_t else temb
+    blocks = module._prepare_blocks(
+        hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, guidance,
+        attention_kwargs, controlnet_block_samples, additional_t_cond, dict(legacy_kwargs),
+    )  # fmt: skip
 
     # What TeaCache compares between steps: block 0's modulated image stream.
     block0 = module.transformer_blocks[0]
-    img_mod1 = block0.img_mod(temb).chunk(2, dim=-1)[0]
-    modulated_input, _ = _modulate(block0.img_norm1(image), img_mod1, modulate_index)
-
-    def run_transformer_blocks() -> tuple[torch.Tensor, torch.Tensor]:
-        """All blocks (plus ControlNet residuals) on the prepared inputs: ``(image, text)`` streams."""
-        h, e = image, text
-        for index, block in enumerate(module.transformer_blocks):
-            e, h = block(
-                hidden_states=h,
-                encoder_hidden_states=e,
-                encoder_hidden_states_mask=text_mask,
-                temb=temb,
-                image_rotary_emb=rotary,
-                joint_attention_kwargs=attention_kwargs,
-                modulate_index=modulate_index,
-            )
-            if controlnet_block_samples is not None:
-                interval = math.ceil(len(module.transformer_blocks) / len(controlnet_block_samples))
-                h = h + controlnet_block_samples[index // interval]
-        return h, e
-
-    def postprocess(h: torch.Tensor) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """The output head on the image stream, returned as forward returns it."""
-        output = module.proj_out(module.norm_out(h, head_temb))
-        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+    img_mod1 = block0.img_mod(blocks.temb).chunk(2, dim=-1)[0]
+    modulated_input, _ = _modulate(block0.img_norm1(blocks.hidden_states), img_mod1, blocks.modulate_index)
 
     return CacheContext(
         modulated_input=modulated_input,
-        hidden_states=image,
-        encoder_hidden_states=text,
-        temb=temb,
-        run_transformer_blocks=run_transformer_blocks,
-        postprocess=postprocess,
+        hidden_states=blocks.hidden_states,
+        encoder_hidden_states=blocks.encoder_hidden_states,
+        temb=blocks.temb,
+        run_transformer_blocks=lambda: module._run_blocks(blocks),
+        postprocess=lambda h: module._output_head(h, blocks, return_dict),
     )
 
 
