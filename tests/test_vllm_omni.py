@@ -26,7 +26,6 @@ from safetensors.torch import load_file  # noqa: E402
 from vllm.config import LoadConfig, set_current_vllm_config  # noqa: E402
 from vllm_omni.diffusion import registry as omni_registry  # noqa: E402
 from vllm_omni.diffusion.data import OmniDiffusionConfig  # noqa: E402
-from vllm_omni.diffusion.distributed import parallel_state  # noqa: E402
 from vllm_omni.diffusion.forward_context import set_forward_context  # noqa: E402
 from vllm_omni.diffusion.model_loader.diffusers_loader import DiffusersPipelineLoader  # noqa: E402
 from vllm_omni.diffusion.models.qwen_image.cfg_parallel import QwenImageCFGParallelMixin  # noqa: E402
@@ -48,7 +47,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import (  # noqa: E402
 from qwen_image_omni.pipelines.qwen_image_mix_grpo import QwenImageMixGRPO  # noqa: E402
 
 from .tiny_checkpoint import TEXT_DIM  # noqa: E402
-from .vllm_omni_engine import free_port  # noqa: E402
+from .vllm_omni_engine import one_rank_vllm_world  # noqa: E402
 
 ARCHITECTURES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageLayeredPipeline")
 SIZE = 64  # pixels: a 4x4 grid of packed latent tokens
@@ -67,21 +66,11 @@ def od_config(checkpoint) -> Iterator[OmniDiffusionConfig]:
     config.enrich_config()
     vllm_config = create_diffusion_vllm_config(torch.device("cpu"), config)
     with (
-        pytest.MonkeyPatch.context() as patch,
+        one_rank_vllm_world(),
         set_forward_context(vllm_config=vllm_config, omni_diffusion_config=config),
         set_current_vllm_config(vllm_config),
     ):
-        patch.setenv("MASTER_ADDR", "127.0.0.1")
-        patch.setenv("MASTER_PORT", str(free_port()))
-        torch.distributed.init_process_group("gloo", init_method="env://", world_size=1, rank=0)
-        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
-        parallel_state.initialize_model_parallel()
-        try:
-            yield config
-        finally:
-            parallel_state.destroy_distributed_env()
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+        yield config
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,6 @@ pytest.importorskip("vllm_omni", reason="needs vllm-omni (make test-vllm-omni)")
 from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from vllm.model_executor.layers.linear import ReplicatedLinear  # noqa: E402
-from vllm_omni.diffusion.distributed import parallel_state  # noqa: E402
 from vllm_omni.lora.utils import stable_lora_int_id  # noqa: E402
 
 from qwen_image_omni.integrations.vllm_omni_linear import (  # noqa: E402
@@ -34,7 +32,7 @@ from qwen_image_omni.integrations.vllm_omni_linear import (  # noqa: E402
 )
 
 from .tiny import make_inputs, make_pair  # noqa: E402
-from .vllm_omni_engine import has_cpu_platform, run_engine_job  # noqa: E402
+from .vllm_omni_engine import has_cpu_platform, one_rank_vllm_world, run_engine_job  # noqa: E402
 
 PROMPTS = ["a red dog sitting on a green mat"]
 SAMPLING = {"height": 64, "width": 64, "num_inference_steps": 2, "seed": 0}
@@ -56,28 +54,11 @@ DIFFUSERS_TARGETS = [
 # ----------------------------------------------------------------------------- unit: the linear swap
 
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_world():
     """A one-rank gloo world with vllm's model-parallel groups (vllm parameters read the TP rank)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MASTER_ADDR", "127.0.0.1")
-        patch.setenv("MASTER_PORT", str(free_port()))
-        torch.distributed.init_process_group("gloo", init_method="env://", world_size=1, rank=0)
-        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
-        parallel_state.initialize_model_parallel()
-        try:
-            yield
-        finally:
-            parallel_state.destroy_distributed_env()
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+    with one_rank_vllm_world():
+        yield
 
 
 def test_vllm_linear_transformer_equals_the_plain_one_bitwise_and_keeps_state_dict_keys(vllm_world):

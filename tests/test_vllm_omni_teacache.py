@@ -30,7 +30,7 @@ from qwen_image_omni.integrations.vllm_omni_teacache import (  # noqa: E402
 )
 
 from .tiny import make_inputs, make_pair, run  # noqa: E402
-from .vllm_omni_engine import has_cpu_platform, run_engine_job  # noqa: E402
+from .vllm_omni_engine import OURS, VLLM_OMNI_OWN, has_cpu_platform, run_engine_job  # noqa: E402
 
 TRANSFORMER_TYPE = "QwenImageTransformer2DModel"
 STEPS = 6
@@ -201,15 +201,6 @@ def test_hook_with_a_high_threshold_skips_blocks(cfg, one_cfg_rank):
 
 # ----------------------------------------------------------------------------- the full engine
 
-
-OURS = {
-    "pipeline": "qwen_image_omni.integrations.vllm_omni.QwenImagePipeline",
-    "transformer": "qwen_image_omni.transformer.QwenImageTransformer2DModel",
-}
-VLLM_OMNI_OWN = {
-    "pipeline": "vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image.QwenImagePipeline",
-    "transformer": "vllm_omni.diffusion.models.qwen_image.qwen_image_transformer.QwenImageTransformer2DModel",
-}
 
 engine = pytest.mark.skipif(not has_cpu_platform(), reason="needs the test-support CPU platform")
 

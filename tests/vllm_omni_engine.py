@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 import socket
 import subprocess
 import sys
@@ -40,6 +42,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def one_rank_vllm_world() -> Iterator[None]:
+    """Inside: a one-rank gloo ``torch.distributed`` world with vllm-omni's model-parallel groups.
+
+    What a vllm-omni worker has before it builds a pipeline (vllm parameters read the TP rank).
+    """
+    import torch
+    from vllm_omni.diffusion.distributed import parallel_state
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MASTER_ADDR", "127.0.0.1")
+        patch.setenv("MASTER_PORT", str(free_port()))
+        torch.distributed.init_process_group("gloo", init_method="env://", world_size=1, rank=0)
+        parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
+        parallel_state.initialize_model_parallel()
+        try:
+            yield
+        finally:
+            parallel_state.destroy_distributed_env()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 def engine_env(*, plugin: bool) -> dict[str, str]:
