@@ -11,7 +11,14 @@ VLLM_OMNI_VENV ?= .venv-vllm-omni
 VLLM_OMNI_PY := $(VLLM_OMNI_VENV)/bin/python
 VLLM_OMNI_STAMP := $(VLLM_OMNI_VENV)/.installed
 
-.PHONY: demo test test-vllm-omni bench gpu-check clean
+# test-verl-omni: vllm-omni's venv recipe plus verl 0.9.1 and tensordict (verl pins its own transformers),
+# with the verl-omni source snapshot on PYTHONPATH (verl-omni is not on the package registry).
+VERL_OMNI_VENV ?= .venv-verl-omni
+VERL_OMNI_PY := $(VERL_OMNI_VENV)/bin/python
+VERL_OMNI_STAMP := $(VERL_OMNI_VENV)/.installed
+VERL_OMNI_SRC ?= $(wildcard ../shared/verl-omni)
+
+.PHONY: demo test test-vllm-omni test-verl-omni bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +47,22 @@ $(VLLM_OMNI_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
 test-vllm-omni: $(VLLM_OMNI_STAMP)
 	$(VLLM_OMNI_PY) -m pytest -q -m vllm_omni
 
+$(VERL_OMNI_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
+	test -x $(VERL_OMNI_PY) || $(PYTHON) -m venv $(VERL_OMNI_VENV)
+	$(VERL_OMNI_PY) -m pip install -q "torch===2.13.0" "torchvision===0.28.0"
+	$(VERL_OMNI_PY) -m pip install -q -e ".[test,vllm-omni]" "verl==0.9.1" tensordict
+	$(VERL_OMNI_PY) -m pip install -q -e tests/support/cpu_platform
+	touch $(VERL_OMNI_STAMP)
+
+# Skips (exit 0, one line saying why) when no verl-omni source is found: set VERL_OMNI_SRC to a checkout.
+test-verl-omni:
+	@if [ -z "$(VERL_OMNI_SRC)" ] || [ ! -d "$(VERL_OMNI_SRC)/verl_omni" ]; then \
+		echo "test-verl-omni: SKIPPED: no verl-omni source (set VERL_OMNI_SRC=<a verl-omni checkout>; default ../shared/verl-omni)"; \
+	else \
+		$(MAKE) $(VERL_OMNI_STAMP) && \
+		VERL_OMNI_SRC="$(abspath $(VERL_OMNI_SRC))" PYTHONPATH="$(abspath $(VERL_OMNI_SRC))" $(VERL_OMNI_PY) -m pytest -q -m verl_omni; \
+	fi
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_qk_norm_rope.py
 	$(PY) benchmarks/bench_transformer.py
@@ -53,4 +76,4 @@ gpu-check: $(if $(filter command line,$(origin PY)),,$(STAMP))
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_OMNI_VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_OMNI_VENV) $(VERL_OMNI_VENV) build *.egg-info

@@ -115,7 +115,7 @@ def _mix_config(**algo) -> DiffusionModelConfig:
 def test_diffusers_rollout_registered_without_vllm_omni():
     assert VllmOmniPipelineBase.get_class("QwenImagePipeline", "mix_grpo") is QwenImageMixGRPOPipelineWithLogProb
     assert VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "mix_grpo") == (
-        "qwen_image_omni.pipelines.qwen_image_mix_grpo.QwenImageMixGRPOPipelineWithLogProb"
+        "qwen_image_omni.pipelines.qwen_image_mix_grpo.diffusers_rollout_pipeline.QwenImageMixGRPOPipelineWithLogProb"
     )
 
 

@@ -165,7 +165,7 @@ def test_diffusers_rollout_registered_for_flow_grpo_without_vllm_omni():
     assert DiffusionModelBase.get_class(model_config("sde", 1.0)) is QwenImage
     assert VllmOmniPipelineBase.get_class("QwenImagePipeline", "flow_grpo") is QwenImagePipelineWithLogProb
     assert VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "flow_grpo") == (
-        "qwen_image_omni.pipelines.qwen_image_flow_grpo.QwenImagePipelineWithLogProb"
+        "qwen_image_omni.pipelines.qwen_image_flow_grpo.diffusers_rollout_pipeline.QwenImagePipelineWithLogProb"
     )
 
 

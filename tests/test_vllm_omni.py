@@ -209,7 +209,7 @@ def test_register_is_idempotent(od_config):
 
 def test_rollout_pipeline_reachable_through_the_rl_registry():
     path = VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "flow_grpo")
-    assert path == "qwen_image_omni.integrations.vllm_omni.QwenImagePipelineWithLogProb"
+    assert path == "qwen_image_omni.pipelines.qwen_image_flow_grpo.vllm_omni_rollout_pipeline.QwenImagePipelineWithLogProb"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -510,7 +510,7 @@ def test_rollout_equals_the_diffusers_rollout_pipeline(rollout_pipeline, rollout
 def test_mix_grpo_rollout_uses_the_trainer_window(od_config, global_steps):
     """The MixGRPO rollout records exactly the window ``QwenImageMixGRPO.sde_window`` gives the trainer."""
     path = VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "mix_grpo")
-    assert path == "qwen_image_omni.integrations.vllm_omni.QwenImageMixGRPOPipelineWithLogProb"
+    assert path == "qwen_image_omni.pipelines.qwen_image_mix_grpo.vllm_omni_rollout_pipeline.QwenImageMixGRPOPipelineWithLogProb"
     pipe = DiffusersPipelineLoader(LoadConfig(), od_config).load_model(
         "cpu", load_format="custom_pipeline", custom_pipeline_name=path
     )

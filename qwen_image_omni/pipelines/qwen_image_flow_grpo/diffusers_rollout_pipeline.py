@@ -1,0 +1,294 @@
+"""Qwen-Image FlowGRPO rollout pipeline on diffusers: images plus the SDE window's log-probs.
+
+Runs anywhere diffusers does; the vllm-omni twin is in :mod:`.vllm_omni_rollout_pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers import QwenImagePipeline
+from diffusers.models.modeling_utils import ModelMixin
+
+from ...transformer import QwenImageTransformer2DModel
+from ..checks import check_int
+from ..model_base import VllmOmniPipelineBase
+from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
+from .common import OUTPUT_TYPES, _check_rollout_scales, sde_scheduler
+from .rollout import QwenImageRolloutMixin, QwenImageRolloutOutput
+
+__all__ = ["QwenImagePipelineWithLogProb"]
+
+logger = logging.getLogger(__name__)
+
+@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo")
+class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
+    """Rollout pipeline for Qwen-Image that records the SDE window's latents and log-probabilities.
+
+    A diffusers ``QwenImagePipeline`` (so ``DiffusionPipeline``: ``register_modules``,
+    ``from_pretrained``, ``to``) with :class:`FlowMatchSDEDiscreteScheduler` and our transformer;
+    the text encoder, tokenizer and VAE are optional (precomputed embeddings in, latents out).
+    Runs without vllm-omni; with vllm-omni installed, ``VllmOmniPipelineBase`` maps
+    ``("QwenImagePipeline", "flow_grpo")`` to the vllm-omni twin in
+    ``qwen_image_omni.integrations.vllm_omni``, which runs the same :class:`QwenImageRolloutMixin` loop.
+    """
+
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        transformer: QwenImageTransformer2DModel,
+        scheduler: FlowMatchSDEDiscreteScheduler,
+        vae: ModelMixin | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer: Any | None = None,
+    ):
+        """Register the components; a plain flow-match Euler scheduler (a stock Qwen-Image
+        ``scheduler/`` folder) is rebuilt as :class:`FlowMatchSDEDiscreteScheduler` from its config.
+
+        Raises:
+            TypeError: ``scheduler`` is neither a FlowMatchSDEDiscreteScheduler nor a
+                FlowMatchEulerDiscreteScheduler.
+        """
+        scheduler = sde_scheduler(scheduler)
+        super().__init__(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        )
+
+    # -- end to end ---------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> QwenImageRolloutOutput:
+        """Same as :meth:`forward`."""
+        return self.forward(*args, **kwargs)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        prompt_token_ids: torch.Tensor | list[int] | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        negative_prompt_ids: torch.Tensor | list[int] | None = None,
+        negative_prompt_mask: torch.Tensor | None = None,
+        true_cfg_scale: float = 4.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        attention_kwargs: dict[str, Any] | None = None,
+        max_sequence_length: int = 512,
+        noise_level: float = 0.7,
+        sde_window_size: int | None = None,
+        sde_window_range: tuple[int, int] = (0, 5),
+        sde_type: str = "sde",
+        logprobs: bool = True,
+    ) -> QwenImageRolloutOutput:
+        """End-to-end generation with rollout data collection.
+
+        Encodes the prompt token ids (or takes ``prompt_embeds``), runs :meth:`rollout` (initial
+        noise, :func:`set_qwen_image_timesteps`, the SDE window, :meth:`diffuse`) and decodes the
+        final latents.
+
+        Args:
+            prompt_token_ids: ``(B, N)`` or ``(N,)`` token ids of the templated prompt (the first
+                ``prompt_template_encode_start_idx`` encoded tokens are dropped, as in diffusers).
+            prompt_mask: attention mask for ``prompt_token_ids`` (all ones when None).
+            negative_prompt_ids: token ids of the negative prompt for true CFG.
+            negative_prompt_mask: attention mask for ``negative_prompt_ids``.
+            true_cfg_scale: CFG scale, a finite number >= 0; CFG runs when it is > 1 and a negative
+                prompt is given.
+            height: image height in pixels, a multiple of ``2 * vae_scale_factor`` (16; default
+                ``default_sample_size * vae_scale_factor``).
+            width: image width in pixels (same rule and default).
+            num_inference_steps: number of denoising steps.
+            sigmas: custom sigmas instead of ``linspace(1, 1/N, N)``.
+            guidance_scale: distilled guidance scale, used only by ``guidance_embeds`` checkpoints.
+            num_images_per_prompt: images per prompt (embeddings repeated per sample).
+            generator: a random generator, or a list of one per sample; the first one also drives
+                the SDE noise and window.
+            latents: ``(B, S, C)`` initial packed noise; drawn when None.
+            prompt_embeds: ``(B, L, D)`` precomputed prompt embeddings (any padded width).
+            prompt_embeds_mask: ``(B, L)`` their mask (all ones when None).
+            negative_prompt_embeds: precomputed negative embeddings.
+            negative_prompt_embeds_mask: their mask.
+            output_type: ``"latent"``, ``"pt"`` or ``"pil"`` (the last two need a VAE).
+            attention_kwargs: passed to the transformer's attention (e.g. LoRA ``scale``).
+            max_sequence_length: prompt embeddings are cut to this width.
+            noise_level: SDE noise level inside the window.
+            sde_window_size: number of SDE steps; None: every step but the last (:func:`full_sde_window`).
+            sde_window_range: ``(low, high)`` envelope the window is drawn in, ``high <= num_inference_steps``
+                (:func:`sample_sde_window`).
+            sde_type: ``"sde"``, ``"cps"`` or ``"dance_sde"``.
+            logprobs: compute per-step log-probabilities.
+
+        Raises:
+            ValueError, TypeError: as :meth:`rollout`, and for a bad ``output_type`` or prompt.
+
+        Returns:
+            QwenImageRolloutOutput: images plus ``all_latents``, ``all_log_probs``, ``all_timesteps``,
+            the prompt embeddings and masks, and the SDE window.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type != "latent" and self.vae is None:
+            raise ValueError(f"output_type={output_type!r} needs a `vae`; this pipeline has none (use 'latent')")
+        _check_rollout_scales(true_cfg_scale, guidance_scale, noise_level, sde_type)
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
+        self._attention_kwargs = attention_kwargs or {}
+        self._current_timestep = None
+        self._interrupt = False
+
+        prompt_embeds, prompt_embeds_mask = self.encode_prompt_ids(
+            prompt_token_ids, prompt_mask, prompt_embeds, prompt_embeds_mask,
+            num_images_per_prompt, max_sequence_length, name="prompt",
+        )  # fmt: skip
+        do_true_cfg = self._do_true_cfg(true_cfg_scale, negative_prompt_ids, negative_prompt_embeds)
+        if do_true_cfg:
+            negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt_ids(
+                negative_prompt_ids, negative_prompt_mask, negative_prompt_embeds, negative_prompt_embeds_mask,
+                num_images_per_prompt, max_sequence_length, name="negative_prompt",
+            )  # fmt: skip
+        else:
+            negative_prompt_embeds = negative_prompt_embeds_mask = None
+
+        latents, all_latents, all_log_probs, all_timesteps, sde_window = self.rollout(
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            latents=latents,
+            true_cfg_scale=true_cfg_scale,
+            noise_level=noise_level,
+            sde_window_size=sde_window_size,
+            sde_window_range=sde_window_range,
+            sde_type=sde_type,
+            logprobs=logprobs,
+        )
+        images = self._decode(latents, height, width, output_type)
+        self.maybe_free_model_hooks()
+        return QwenImageRolloutOutput(
+            images=images,
+            all_latents=all_latents,
+            all_log_probs=all_log_probs,
+            all_timesteps=all_timesteps,
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_mask=prompt_embeds_mask,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+            sde_window=sde_window,
+        )
+
+    # -- prompts ------------------------------------------------------------------------------------
+
+    def encode_prompt_ids(
+        self,
+        prompt_ids: torch.Tensor | list[int] | None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 512,
+        name: str = "prompt",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings and mask from token ids (or from precomputed embeddings).
+
+        Embeddings are right-padded to the longest prompt, cut to ``max_sequence_length`` and
+        repeated ``num_images_per_prompt`` times per sample. The mask is always returned (all ones
+        when none was given), so the trainer gets the same tensors the rollout used.
+
+        Args:
+            prompt_ids: token ids ``(B, N)`` / ``(N,)``; ignored when ``prompt_embeds`` is given.
+            attention_mask: mask of ``prompt_ids``.
+            prompt_embeds: precomputed ``(B, L, D)`` embeddings.
+            prompt_embeds_mask: their ``(B, L)`` mask.
+            num_images_per_prompt: repeats per sample.
+            max_sequence_length: maximum width kept.
+            name: the argument family named in error messages (``"prompt"`` / ``"negative_prompt"``).
+        """
+        if prompt_embeds is None:
+            if prompt_ids is None:
+                raise ValueError(f"pass `{name}_embeds` or token ids for the {name}, got neither")
+            prompt_embeds, prompt_embeds_mask = self._embed_token_ids(prompt_ids, attention_mask, name)
+        if prompt_embeds.ndim != 3:
+            raise ValueError(f"`{name}_embeds` must be (batch, width, dim), got shape {tuple(prompt_embeds.shape)}")
+        if prompt_embeds_mask is None:
+            prompt_embeds_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
+        if tuple(prompt_embeds_mask.shape) != tuple(prompt_embeds.shape[:2]):
+            raise ValueError(
+                f"`{name}_embeds_mask` must have shape {tuple(prompt_embeds.shape[:2])}, "
+                f"got {tuple(prompt_embeds_mask.shape)}"
+            )
+        max_sequence_length = check_int("`max_sequence_length`", max_sequence_length, 1)
+        prompt_embeds = prompt_embeds[:, :max_sequence_length]
+        prompt_embeds_mask = prompt_embeds_mask[:, :max_sequence_length]
+        repeats = check_int("`num_images_per_prompt`", num_images_per_prompt, 1)
+        return prompt_embeds.repeat_interleave(repeats, dim=0), prompt_embeds_mask.repeat_interleave(repeats, dim=0)
+
+    def _embed_token_ids(
+        self, prompt_ids: torch.Tensor | list[int], attention_mask: torch.Tensor | None, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the text encoder on templated token ids; keep the last hidden state of the valid tokens."""
+        if self.text_encoder is None:
+            raise ValueError(f"token ids for the {name} need a `text_encoder`; pass `{name}_embeds` instead")
+        device = self._execution_device
+        prompt_ids = torch.as_tensor(prompt_ids, device=device)
+        prompt_ids = prompt_ids.unsqueeze(0) if prompt_ids.ndim == 1 else prompt_ids
+        if prompt_ids.ndim != 2:
+            raise ValueError(
+                f"token ids for the {name} must be (batch, tokens) or (tokens,), got {tuple(prompt_ids.shape)}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompt_ids)
+        attention_mask = attention_mask.to(device).reshape(prompt_ids.shape)
+        outputs = self.text_encoder(input_ids=prompt_ids, attention_mask=attention_mask, output_hidden_states=True)
+        drop = self.prompt_template_encode_start_idx
+        rows = [row[drop:] for row in self._extract_masked_hidden(outputs.hidden_states[-1], attention_mask)]
+        if min(row.shape[0] for row in rows) == 0:
+            raise ValueError(
+                f"every {name} must have more than prompt_template_encode_start_idx={drop} valid tokens "
+                "(the chat template prefix that is dropped)"
+            )
+        width = max(row.shape[0] for row in rows)
+        embeds = torch.stack([torch.cat([row, row.new_zeros(width - row.shape[0], row.shape[1])]) for row in rows])
+        mask = torch.stack(
+            [torch.arange(width, device=device) < row.shape[0] for row in rows]
+        ).to(torch.long)
+        return embeds.to(self.text_encoder.dtype), mask
+
+    @staticmethod
+    def _do_true_cfg(true_cfg_scale: float, negative_prompt_ids: Any, negative_prompt_embeds: Any) -> bool:
+        has_negative = negative_prompt_ids is not None or negative_prompt_embeds is not None
+        if true_cfg_scale > 1 and not has_negative:
+            logger.warning("true_cfg_scale=%s > 1 but no negative prompt is given: CFG is off", true_cfg_scale)
+        elif true_cfg_scale <= 1 and has_negative:
+            logger.warning("a negative prompt is given but true_cfg_scale=%s <= 1: CFG is off", true_cfg_scale)
+        return true_cfg_scale > 1 and has_negative
+
+    # -- images -------------------------------------------------------------------------------------
+
+    def _decode(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> Any:
+        """Packed latents → images (diffusers' Qwen-Image VAE decode), or the latents for ``"latent"``."""
+        if output_type == "latent":
+            return latents
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor).to(self.vae.dtype)
+        z_dim = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        image = self.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+        return self.image_processor.postprocess(image, output_type=output_type)

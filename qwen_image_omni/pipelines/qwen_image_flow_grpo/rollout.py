@@ -1,0 +1,354 @@
+"""The Qwen-Image rollout loop, shared by the diffusers and the vllm-omni rollout pipelines.
+
+:class:`QwenImageRolloutMixin` runs every denoising step through the training adapter's own step
+functions (:class:`~.diffusers_training_adapter.QwenImage`), so rollout log-probs are the trainer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+from ..config import DiffusionAlgoConfig, DiffusionModelConfig, DiffusionPipelineConfig
+from ..schedulers.flow_match_sde import check_generator
+from .common import (
+    _check_rollout_scales,
+    _check_sde_type,
+    _match_batch,
+    build_img_shapes,
+    check_sde_window,
+    full_sde_window,
+    latent_grid,
+    sample_sde_window,
+    set_qwen_image_timesteps,
+)
+from .diffusers_training_adapter import QwenImage
+
+__all__ = ["QwenImageRolloutMixin", "QwenImageRolloutOutput"]
+
+@dataclass
+class QwenImageRolloutOutput(BaseOutput):
+    """What a rollout returns: the images and the data the trainer needs to score them.
+
+    Args:
+        images: ``"latent"``: packed latents ``(B, S, C)``; ``"pt"``: ``(B, 3, H, W)`` in [0, 1];
+            ``"pil"``: a list of PIL images.
+        all_latents: ``(B, W + 1, S, C)`` float32 states of the SDE window (its entry state first).
+        all_log_probs: ``(B, W)`` log-probability of each window transition, or None.
+        all_timesteps: ``(B, W)`` scheduler timesteps of the window steps.
+        prompt_embeds: ``(B, L, D)`` positive prompt embeddings used.
+        prompt_embeds_mask: ``(B, L)`` their mask.
+        negative_prompt_embeds: ``(B, L', D)`` negative embeddings, or None without CFG.
+        negative_prompt_embeds_mask: ``(B, L')`` their mask, or None.
+        sde_window: the ``(start, end)`` step indices of the SDE window.
+    """
+
+    images: torch.Tensor | list[PIL.Image.Image]
+    all_latents: torch.Tensor
+    all_log_probs: torch.Tensor | None
+    all_timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompt_embeds_mask: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    negative_prompt_embeds_mask: torch.Tensor | None
+    sde_window: tuple[int, int]
+
+    @property
+    def custom_output(self) -> dict[str, Any]:
+        """The rollout data under the keys of vllm-omni's ``DiffusionOutput.custom_output``."""
+        keys = (
+            "all_latents",
+            "all_log_probs",
+            "all_timesteps",
+            "prompt_embeds",
+            "prompt_embeds_mask",
+            "negative_prompt_embeds",
+            "negative_prompt_embeds_mask",
+        )
+        return {key: getattr(self, key) for key in keys}
+
+
+class QwenImageRolloutMixin:
+    """The rollout loop, shared by every Qwen-Image rollout pipeline (diffusers' and vllm-omni's).
+
+    Runs every denoising step through :meth:`QwenImage.prepare_model_inputs` and
+    :meth:`QwenImage.sample_previous_step` (``training_adapter``), the functions the trainer uses to
+    recompute the log-probabilities, so rollout and trainer cannot drift apart. Steps outside the
+    SDE window are deterministic Euler steps (noise level 0); steps inside draw from the SDE and
+    record ``(latents, log_prob, timestep)``.
+
+    The host pipeline provides ``transformer`` (ours), ``scheduler``
+    (:class:`FlowMatchSDEDiscreteScheduler`), ``vae_scale_factor`` and Qwen-Image's
+    ``prepare_latents(batch_size, num_channels_latents, height, width, dtype, device, generator, latents)``,
+    which diffusers' and vllm-omni's ``QwenImagePipeline`` both have.
+    """
+
+    training_adapter: type[QwenImage] = QwenImage
+    """The trainer-side adapter whose step functions the rollout runs."""
+
+    algorithm: str = "flow_grpo"
+    """The registry algorithm of this pipeline (``DiffusionModelConfig.algorithm``)."""
+
+    def rollout(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        *,
+        height: int,
+        width: int,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        true_cfg_scale: float = 4.0,
+        noise_level: float = 0.7,
+        sde_window_size: int | None = None,
+        sde_window_range: tuple[int, int] = (0, 5),
+        sde_type: str = "sde",
+        logprobs: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[int, int]]:
+        """Denoise from noise to final latents with prompt embeddings already encoded.
+
+        Prepares the initial noise, sets the timesteps (:func:`set_qwen_image_timesteps`, as the
+        trainer does), draws the SDE window and runs :meth:`diffuse`. True CFG runs when
+        ``negative_prompt_embeds`` is given; the caller decides that (and ``true_cfg_scale > 1``).
+        Arguments are those of :meth:`QwenImagePipelineWithLogProb.forward`.
+
+        Returns:
+            ``(latents, all_latents, all_log_probs, all_timesteps, sde_window)``.
+
+        Raises:
+            ValueError: a size that is not a multiple of ``2 * vae_scale_factor``; a NaN, infinite or
+                negative scale or noise level; an SDE window that does not fit the steps; a generator
+                list whose length is not the batch; mismatched shapes.
+            TypeError: an argument of the wrong type.
+        """
+        _check_rollout_scales(true_cfg_scale, guidance_scale, noise_level, sde_type)
+        do_true_cfg = negative_prompt_embeds is not None
+        if do_true_cfg:
+            negative_prompt_embeds, negative_prompt_embeds_mask = _match_batch(
+                negative_prompt_embeds, negative_prompt_embeds_mask, prompt_embeds.shape[0]
+            )
+        device = prompt_embeds.device
+        batch_size = prompt_embeds.shape[0]
+        generator = check_generator(generator, batch_size)
+        latents = self._initial_latents(batch_size, height, width, device, generator, latents)
+        img_shapes = build_img_shapes(height, width, batch_size, self.vae_scale_factor)
+        timesteps = set_qwen_image_timesteps(self.scheduler, num_inference_steps, latents.shape[1], device, sigmas)
+        guidance = None
+        if getattr(self.transformer.config, "guidance_embeds", False):
+            guidance = torch.full((batch_size,), float(guidance_scale), device=device, dtype=torch.float32)
+
+        sde_generator = generator[0] if isinstance(generator, list) else generator
+        if sde_window_size is None:
+            sde_window = full_sde_window(len(timesteps))
+        else:
+            sde_window = sample_sde_window(sde_window_size, sde_window_range, len(timesteps), sde_generator)
+
+        latents, all_latents, all_log_probs, all_timesteps = self.diffuse(
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            latents,
+            img_shapes,
+            timesteps,
+            do_true_cfg,
+            guidance,
+            true_cfg_scale,
+            noise_level,
+            sde_window,
+            sde_type,
+            sde_generator,
+            logprobs,
+        )
+        return latents, all_latents, all_log_probs, all_timesteps, sde_window
+
+    # -- latents ------------------------------------------------------------------------------------
+
+    def _initial_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Packed float32 noise ``(B, rows * cols, in_channels)``, or the given ``latents`` after a shape check."""
+        rows, cols = latent_grid(height, width, self.vae_scale_factor)
+        in_channels = self.transformer.config.in_channels
+        expected = (batch_size, rows * cols, in_channels)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(
+                f"`latents` must have shape {expected} (batch, image tokens, in_channels), got {tuple(latents.shape)}"
+            )
+        return self.prepare_latents(
+            batch_size, in_channels // 4, height, width, torch.float32, device, generator, latents
+        )
+
+    # -- the denoising loop -------------------------------------------------------------------------
+
+    def diffuse(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        latents: torch.Tensor,
+        img_shapes: list,
+        timesteps: torch.Tensor,
+        do_true_cfg: bool,
+        guidance: torch.Tensor | None,
+        true_cfg_scale: float,
+        noise_level: float,
+        sde_window: tuple[int, int],
+        sde_type: str,
+        generator: torch.Generator | None,
+        logprobs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Run the whole denoising loop and collect the SDE window's rollout data.
+
+        Args:
+            prompt_embeds: ``(B, L, D)`` positive prompt embeddings (any padded width).
+            prompt_embeds_mask: ``(B, L)`` their mask, or None.
+            negative_prompt_embeds: ``(B, L', D)`` negative embeddings for true CFG, or None.
+            negative_prompt_embeds_mask: ``(B, L')`` their mask, or None.
+            latents: ``(B, S, C)`` initial packed noise.
+            img_shapes: per-sample image shapes for the transformer.
+            timesteps: the scheduler's timesteps (``scheduler.timesteps``).
+            do_true_cfg: apply true CFG with the negative embeddings.
+            guidance: guidance-distillation scale ``(B,)`` or None (Qwen-Image: None).
+            true_cfg_scale: CFG scale.
+            noise_level: SDE noise level inside the window.
+            sde_window: ``(start, end)`` step indices of the SDE steps (``end`` exclusive).
+            sde_type: ``"sde"``, ``"cps"`` or ``"dance_sde"``.
+            generator: random generator for the SDE noise.
+            logprobs: compute the window's log-probabilities.
+
+        Returns:
+            ``(latents, all_latents, all_log_probs, all_timesteps)``: final latents ``(B, S, C)``,
+            window states ``(B, W + 1, S, C)`` float32, log-probs ``(B, W)`` or None, timesteps ``(B, W)``.
+        """
+        start, end = check_sde_window(sde_window, len(timesteps))
+        _check_sde_type(sde_type)
+        if do_true_cfg and negative_prompt_embeds is None:
+            raise ValueError("do_true_cfg=True needs `negative_prompt_embeds`, got None")
+        model_config = self._step_config(img_shapes, len(timesteps), guidance, true_cfg_scale if do_true_cfg else 1.0)
+        micro_batch = self._micro_batch(img_shapes)
+        latents = latents.float()
+        batch_size = latents.shape[0]
+        all_latents, all_log_probs, all_timesteps = [], [], []
+        for index, timestep in enumerate(timesteps):
+            if getattr(self, "_interrupt", False):
+                continue
+            self._current_timestep = timestep
+            in_window = start <= index < end
+            if index == start:
+                all_latents.append(latents)
+            step_timesteps = timestep.reshape(1).expand(batch_size).to(device=latents.device, dtype=torch.float32)
+            latents, log_prob = self._denoise_step(
+                latents,
+                step_timesteps,
+                (prompt_embeds, prompt_embeds_mask),
+                (negative_prompt_embeds, negative_prompt_embeds_mask) if do_true_cfg else (None, None),
+                model_config,
+                micro_batch,
+                noise_level if in_window else 0.0,
+                sde_type,
+                generator,
+                logprobs and in_window,
+            )
+            if in_window:
+                all_latents.append(latents)
+                all_log_probs.append(log_prob)
+                all_timesteps.append(step_timesteps)
+        self._current_timestep = None
+        stacked_log_probs = torch.stack(all_log_probs, dim=1) if logprobs else None
+        return latents, torch.stack(all_latents, dim=1), stacked_log_probs, torch.stack(all_timesteps, dim=1)
+
+    def _denoise_step(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt: tuple[torch.Tensor, torch.Tensor | None],
+        negative_prompt: tuple[torch.Tensor | None, torch.Tensor | None],
+        model_config: DiffusionModelConfig,
+        micro_batch: dict[str, Any],
+        noise_level: float,
+        sde_type: str,
+        generator: torch.Generator | None,
+        return_logprobs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One rollout step through the trainer's functions; returns ``(prev_latents, log_prob)``."""
+        adapter = self.training_adapter
+        model_inputs, negative_model_inputs = adapter.prepare_model_inputs(
+            self.transformer,
+            model_config,
+            latents,
+            timestep,
+            prompt[0],
+            prompt[1],
+            negative_prompt[0],
+            negative_prompt[1],
+            micro_batch,
+            0,
+        )
+        attention_kwargs = getattr(self, "_attention_kwargs", None)
+        if attention_kwargs:
+            model_inputs["attention_kwargs"] = attention_kwargs
+            if negative_model_inputs is not None:
+                negative_model_inputs["attention_kwargs"] = attention_kwargs
+        prev_latents, log_prob, _, _, _ = adapter.sample_previous_step(
+            self.transformer,
+            self.scheduler,
+            model_inputs,
+            negative_model_inputs,
+            sample=latents,
+            timestep=timestep,
+            true_cfg_scale=model_config.pipeline.true_cfg_scale,
+            noise_level=noise_level,
+            sde_type=sde_type,
+            generator=generator,
+            return_logprobs=return_logprobs,
+        )
+        return prev_latents, log_prob
+
+    def _image_size(self, img_shapes: list) -> tuple[int, int]:
+        """``(height, width)`` in pixels of text-to-image ``img_shapes`` ``[[(1, rows, cols)]] * B``."""
+        shapes = {tuple(tuple(shape) for shape in sample) for sample in img_shapes}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1 or next(iter(shapes))[0][0] != 1:
+            raise ValueError(f"`img_shapes` must be [[(1, rows, cols)]] for every sample, got {img_shapes!r}")
+        _, rows, cols = next(iter(shapes))[0]
+        return rows * 2 * self.vae_scale_factor, cols * 2 * self.vae_scale_factor
+
+    def _micro_batch(self, img_shapes: list) -> dict[str, int]:
+        """The image metadata the trainer's micro-batch carries: ``height``, ``width``, ``vae_scale_factor``."""
+        height, width = self._image_size(img_shapes)
+        return {"height": height, "width": width, "vae_scale_factor": self.vae_scale_factor}
+
+    def _step_config(
+        self, img_shapes: list, num_steps: int, guidance: torch.Tensor | None, true_cfg_scale: float
+    ) -> DiffusionModelConfig:
+        """The model config the trainer would hold for this rollout (what the step functions read)."""
+        height, width = self._image_size(img_shapes)
+        return DiffusionModelConfig(
+            architecture="QwenImagePipeline",
+            algorithm=self.algorithm,
+            pipeline=DiffusionPipelineConfig(
+                height=height,
+                width=width,
+                num_inference_steps=num_steps,
+                true_cfg_scale=float(true_cfg_scale),
+                guidance_scale=None if guidance is None else float(guidance.reshape(-1)[0]),
+            ),
+            algo=DiffusionAlgoConfig(),
+        )
+
