@@ -431,7 +431,7 @@ def test_rollout_repeats_a_single_negative_prompt_without_a_mask(pipe):
         num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), true_cfg_scale=4.0,
         sde_window_size=1, sde_window_range=(0, STEPS),
     )  # fmt: skip
-    assert without[4] == with_mask.sde_window
+    assert without[4] == with_mask.sde_windows == [with_mask.sde_window] * 2
     assert torch.equal(without[1], with_mask.all_latents) and torch.equal(without[2], with_mask.all_log_probs)
 
 

@@ -45,6 +45,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import (  # noqa: E402
     QwenImagePipelineWithLogProb as DiffusersRolloutPipeline,
 )
 from qwen_image_omni.pipelines.qwen_image_mix_grpo import QwenImageMixGRPO  # noqa: E402
+from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 
 from .tiny_checkpoint import TEXT_DIM  # noqa: E402
 from .vllm_omni_engine import one_rank_vllm_world  # noqa: E402
@@ -449,8 +450,13 @@ def rollout(rollout_pipeline) -> dict[str, torch.Tensor]:
         outputs = rollout_pipeline.forward(batch)
     assert len(outputs) == 2
     assert_no_text_length(calls)
+    # verl-omni main's envelope: each request carries its own prompt embeddings for the trainer.
+    for index, output in enumerate(outputs):
+        embeddings = output.output["metadata"]["prompt_embeddings"]
+        assert torch.equal(embeddings["prompt_embeds"], embeds[index : index + 1].to(embeddings["prompt_embeds"].dtype))
+        assert torch.equal(embeddings["negative_prompt_embeds_mask"], negative_mask[index : index + 1])
     return {
-        "images": torch.cat([output.output for output in outputs]),
+        "images": torch.cat([envelope_media(output.output) for output in outputs]),
         "all_latents": torch.cat([output.trajectory_latents for output in outputs]),
         "all_log_probs": torch.cat([output.trajectory_log_probs for output in outputs]),
         "all_timesteps": torch.cat([output.trajectory_timesteps for output in outputs]),
@@ -532,3 +538,56 @@ def test_mix_grpo_rollout_uses_the_trainer_window(od_config, global_steps):
     assert (start, end) == (global_steps, global_steps + 1)
     for output in outputs:
         torch.testing.assert_close(output.trajectory_timesteps, pipe.scheduler.timesteps[start:end].reshape(1, -1))
+
+
+def test_dpo_rollout_records_the_diffusers_clean_latents(od_config, checkpoint):
+    """The DPO rollout on vllm-omni (custom pipeline) records the diffusers DPO rollout's clean latents."""
+    from qwen_image_omni.pipelines.qwen_image_dpo import QwenImageDPOPipeline as DiffusersDPOPipeline
+
+    path = VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "dpo")
+    assert path == "qwen_image_omni.pipelines.qwen_image_dpo.vllm_omni_rollout_pipeline.QwenImageDPOPipeline"
+    pipe = DiffusersPipelineLoader(LoadConfig(), od_config).load_model(
+        "cpu", load_format="custom_pipeline", custom_pipeline_name=path
+    )
+    embeds, mask, negative_embeds, negative_mask, latents, generator = rollout_inputs()
+    batch = request_batch(
+        embeds_prompts(embeds, mask, negative_embeds, negative_mask), latents, true_cfg_scale=4.0,
+        generator=generator, extra_args={"noise_level": 0.7},
+    )  # fmt: skip
+    with transformer_calls(pipe) as calls:
+        outputs = pipe.forward(batch)
+    assert_no_text_length(calls)
+    clean = torch.cat([output.output["metadata"]["rl"]["latents_clean"] for output in outputs])
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint, subfolder="scheduler")
+    expected = DiffusersDPOPipeline(transformer=pipe.transformer, scheduler=scheduler)(
+        prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative_embeds,
+        negative_prompt_embeds_mask=negative_mask, true_cfg_scale=4.0, height=SIZE, width=SIZE,
+        num_inference_steps=3, latents=latents, output_type="latent",
+    )  # fmt: skip
+    torch.testing.assert_close(clean, expected.rl["latents_clean"], rtol=0, atol=1e-6)
+
+
+def test_token_id_requests_roll_out_as_the_diffusers_pipeline_encodes_them(rollout_pipeline):
+    """verl-omni's rollout server sends token ids (``prompt_token_ids`` / ``negative_prompt_ids``):
+    the vllm-omni rollout encodes them as the diffusers rollout pipeline does."""
+    generator = torch.Generator().manual_seed(9)
+    prompts = [
+        {"prompt_token_ids": torch.randint(3, 200, (n,), generator=generator).tolist(),
+         "negative_prompt_ids": torch.randint(3, 200, (m,), generator=generator).tolist()}
+        for n, m in ((40, 36), (45, 38))
+    ]  # fmt: skip
+    latents = torch.randn(2, IMAGE_TOKENS, 16, generator=torch.Generator().manual_seed(6))
+    batch = request_batch(prompts, latents, true_cfg_scale=4.0, extra_args={"noise_level": 0.0})
+    with torch.no_grad(), transformer_calls(rollout_pipeline) as calls:
+        outputs = rollout_pipeline.forward(batch)
+    assert_no_text_length(calls)
+    ids, ids_mask = (torch.zeros(2, 45, dtype=torch.long), torch.zeros(2, 45, dtype=torch.long))
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt["prompt_token_ids"])] = torch.tensor(prompt["prompt_token_ids"])
+        ids_mask[row, : len(prompt["prompt_token_ids"])] = 1
+    embeds, mask = rollout_pipeline.encode_prompt_ids(ids, ids_mask)
+    for row, output in enumerate(outputs):
+        embeddings = output.output["metadata"]["prompt_embeddings"]
+        torch.testing.assert_close(embeddings["prompt_embeds"], embeds[row : row + 1])
+        assert torch.equal(embeddings["prompt_embeds_mask"], mask[row : row + 1])
+        assert embeddings["negative_prompt_embeds"] is not None

@@ -82,6 +82,7 @@ __all__ = [
     "QwenImageEditPipeline",
     "QwenImageEditPlusPipeline",
     "QwenImageLayeredPipeline",
+    "QwenImageDPOPipeline",
     "QwenImageMixGRPOPipelineWithLogProb",
     "QwenImagePipeline",
     "QwenImagePipelineWithLogProb",
@@ -555,3 +556,4 @@ def register() -> None:
 # and subclass the pipelines above; importing them here registers them on VllmOmniPipelineBase.
 from ..pipelines.qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb  # noqa: E402
 from ..pipelines.qwen_image_mix_grpo.vllm_omni_rollout_pipeline import QwenImageMixGRPOPipelineWithLogProb  # noqa: E402
+from ..pipelines.qwen_image_dpo.vllm_omni_rollout_pipeline import QwenImageDPOPipeline  # noqa: E402

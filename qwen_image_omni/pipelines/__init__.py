@@ -21,10 +21,17 @@ from .config import (
     DiffusionPipelineConfig,
     read_architecture,
 )
-from .model_base import DiffusionModelBase, VllmOmniPipelineBase, dotted_path
+from .model_base import (
+    DiffusionI2IModelBase,
+    DiffusionModelBase,
+    VllmOmniPipelineBase,
+    dotted_path,
+    import_external_libs,
+)
 from .utils import (
     build_scheduler,
     default_device,
+    forward,
     forward_and_sample_previous_step,
     prepare_model_inputs,
     set_timesteps,
@@ -33,7 +40,10 @@ from .utils import (
 # --- Built-in adapters: importing a module registers its classes. ------------------------------
 # Keep them below the names above, which they import.
 from . import qwen_image_flow_grpo  # QwenImagePipeline / flow_grpo
+from . import qwen_image_diffusion_nft  # QwenImagePipeline / diffusion_nft
+from . import qwen_image_edit_flow_grpo  # QwenImageEditPlusPipeline / flow_grpo
 from . import qwen_image_mix_grpo  # QwenImagePipeline / mix_grpo
+from . import qwen_image_dpo  # QwenImagePipeline / dpo
 from . import sd3_dpo  # StableDiffusion3Pipeline / dpo
 
 # --- End of built-in adapters. -----------------------------------------------------------------
@@ -41,6 +51,7 @@ from . import sd3_dpo  # StableDiffusion3Pipeline / dpo
 __all__ = [
     "SDE_TYPES",
     "DiffusionAlgoConfig",
+    "DiffusionI2IModelBase",
     "DiffusionModelBase",
     "DiffusionModelConfig",
     "DiffusionPipelineConfig",
@@ -48,7 +59,9 @@ __all__ = [
     "build_scheduler",
     "default_device",
     "dotted_path",
+    "forward",
     "forward_and_sample_previous_step",
+    "import_external_libs",
     "prepare_model_inputs",
     "read_architecture",
     "set_timesteps",

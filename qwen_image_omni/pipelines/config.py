@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import check_image_size, check_int, check_noise_level, check_number
+from .model_base import import_external_libs
 
 SDE_TYPES: tuple[str, ...] = ("sde", "cps", "dance_sde")
 """Reverse-step variants of ``FlowMatchSDEDiscreteScheduler`` that ``algo.sde_type`` may name."""
+
+SAMPLE_STRATEGIES: tuple[str, ...] = ("random", "progressive")
+"""How MixGRPO places its SDE window (``algo.sample_strategy``)."""
 
 _HYDRA_KEYS = frozenset({"_target_"})
 
@@ -95,12 +99,24 @@ class DiffusionAlgoConfig:
         sde_window_range: ``(start, end)`` step indices the window must lie in (``end`` exclusive);
             the window start is drawn from ``[start, end - sde_window_size]``. ``None`` means the whole trajectory
             (default). A list from YAML is stored as a tuple.
+        sde_contiguous: the SDE steps form one contiguous window (default ``True``). Qwen-Image
+            rollouts record a contiguous window (``all_latents`` holds consecutive states); they
+            refuse ``False`` with a ``ValueError``.
+        sample_strategy: MixGRPO's window placement, ``"random"`` (a draw seeded by
+            ``sde_window_seed + global_steps``) or ``"progressive"`` (default ``"random"``).
+        iters_per_group: MixGRPO ``"progressive"``: training steps between two advances of the
+            window, ``>= 1`` (default 1).
+        sde_window_seed: MixGRPO ``"random"``: base seed of the per-step window draw, ``>= 0`` (default 0).
     """
 
     noise_level: float = 1.0
     sde_type: str = "sde"
     sde_window_size: int | None = None
     sde_window_range: tuple[int, int] | None = None
+    sde_contiguous: bool = True
+    sample_strategy: str = "random"
+    iters_per_group: int = 1
+    sde_window_seed: int = 0
 
     def __post_init__(self):
         if self.sde_type not in SDE_TYPES:
@@ -122,6 +138,12 @@ class DiffusionAlgoConfig:
                     f"algo.sde_window_size={self.sde_window_size}"
                 )
             self.sde_window_range = (start, end)
+        if not isinstance(self.sde_contiguous, bool):
+            raise TypeError(f"algo.sde_contiguous must be a bool, got {type(self.sde_contiguous).__name__}")
+        if self.sample_strategy not in SAMPLE_STRATEGIES:
+            raise ValueError(f"algo.sample_strategy must be one of {list(SAMPLE_STRATEGIES)}, got {self.sample_strategy!r}")
+        self.iters_per_group = check_int("algo.iters_per_group", self.iters_per_group, 1)
+        self.sde_window_seed = check_int("algo.sde_window_seed", self.sde_window_seed, 0)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiffusionAlgoConfig:
@@ -167,6 +189,8 @@ class DiffusionModelConfig:
         local_path: the diffusers pipeline directory on disk, or ``None``.
         pipeline: sampling parameters, a :class:`DiffusionPipelineConfig` or a mapping of its fields.
         algo: SDE rollout parameters, a :class:`DiffusionAlgoConfig` or a mapping of its fields.
+        external_lib: module(s) to import so that they register their adapters (verl-omni's field;
+            a name, a comma-separated string or a list), imported when the config is built.
 
     Raises:
         ValueError: no architecture and no readable ``model_index.json``; a field out of range;
@@ -179,8 +203,10 @@ class DiffusionModelConfig:
     local_path: str | None = None
     pipeline: DiffusionPipelineConfig = field(default_factory=DiffusionPipelineConfig)
     algo: DiffusionAlgoConfig = field(default_factory=DiffusionAlgoConfig)
+    external_lib: str | list[str] | None = None
 
     def __post_init__(self):
+        import_external_libs(self.external_lib)
         if self.local_path is not None:
             if not isinstance(self.local_path, (str, os.PathLike)):
                 raise TypeError(f"local_path must be a str or os.PathLike, got {type(self.local_path).__name__}")

@@ -12,6 +12,7 @@ transformer reads it from ``encoder_hidden_states.shape[1]``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import logging
@@ -19,8 +20,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import torch
+
 if TYPE_CHECKING:
-    import torch
     from diffusers import ModelMixin, SchedulerMixin
 
     from .config import DiffusionModelConfig
@@ -38,6 +40,31 @@ Key = tuple[str, str]
 def dotted_path(cls: type) -> str:
     """Return ``"module.QualName"``, the import path of ``cls``."""
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def import_external_libs(external_lib: str | list[str] | tuple[str, ...] | None) -> None:
+    """Import the module(s) named by ``external_lib`` (verl-omni's ``DiffusionModelConfig.external_lib``).
+
+    Importing an adapter library registers its adapters. ``None`` or ``""`` imports nothing; a
+    comma-separated string or a list names several modules.
+
+    Raises:
+        TypeError: ``external_lib`` is neither a str nor a list of str.
+        ImportError: a module cannot be imported; the message names it and the config field.
+    """
+    if external_lib is None or external_lib == "":
+        return
+    if isinstance(external_lib, str):
+        names = [name.strip() for name in external_lib.split(",") if name.strip()]
+    elif isinstance(external_lib, (list, tuple)) and all(isinstance(name, str) for name in external_lib):
+        names = list(external_lib)
+    else:
+        raise TypeError(f"external_lib must be a module name or a list of them, got {external_lib!r}")
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ImportError(f"external_lib={name!r} cannot be imported: {error}") from error
 
 
 def _check_key(architecture: Any, algorithm: Any) -> Key:
@@ -116,18 +143,88 @@ class DiffusionModelBase(ABC):
     def get_class(cls, model_config: DiffusionModelConfig) -> type[DiffusionModelBase]:
         """Return the subclass registered for ``(model_config.architecture, model_config.algorithm)``.
 
+        Imports ``model_config.external_lib`` first when the config has one (verl-omni's field).
+
         Raises:
             NotImplementedError: nothing is registered for that pair; the message lists what is.
         """
-        key = (model_config.architecture, model_config.algorithm)
+        return cls.get_class_by_name(
+            model_config.architecture, model_config.algorithm, getattr(model_config, "external_lib", None)
+        )
+
+    @classmethod
+    def peek_class(cls, architecture: str, algorithm: str) -> type[DiffusionModelBase] | None:
+        """Return the subclass registered for ``(architecture, algorithm)``, or ``None`` (never raises)."""
+        return DiffusionModelBase._registry.get((architecture, algorithm))
+
+    @classmethod
+    def get_class_by_name(
+        cls, architecture: str, algorithm: str, external_lib: str | list[str] | None = None
+    ) -> type[DiffusionModelBase]:
+        """Return the subclass registered for ``(architecture, algorithm)``, before any config exists.
+
+        Args:
+            architecture: ``_class_name`` of the model's ``model_index.json``.
+            algorithm: the training algorithm.
+            external_lib: module(s) to import first, so that they register their adapters.
+
+        Raises:
+            NotImplementedError: nothing is registered for that pair; the message lists what is.
+            ImportError: ``external_lib`` cannot be imported.
+        """
+        import_external_libs(external_lib)
+        key = (architecture, algorithm)
         try:
             return DiffusionModelBase._registry[key]
         except KeyError:
             raise NotImplementedError(
                 f"no diffusion model adapter registered for (architecture={key[0]!r}, algorithm={key[1]!r}); "
                 f"registered: {cls.registered()}. Import the module that defines it "
-                "(importing qwen_image_omni.pipelines registers the built-in adapters)."
+                "(importing qwen_image_omni.pipelines registers the built-in adapters), "
+                "or name it in DiffusionModelConfig.external_lib."
             ) from None
+
+    # -- optional hooks (verl-omni main's), each a no-op by default --------------------------------
+
+    @classmethod
+    def build_module(cls, model_config: DiffusionModelConfig, torch_dtype: torch.dtype) -> torch.nn.Module | None:
+        """Build the trainer's diffusion module; ``None`` lets the trainer use diffusers' ``AutoModel``."""
+        return None
+
+    @classmethod
+    def configure_train_mode(cls, module: torch.nn.Module) -> None:
+        """Called after ``module.train()`` for architecture-specific overrides."""
+        return None
+
+    @classmethod
+    def validate_lora_config(cls, model_config: DiffusionModelConfig) -> None:
+        """Check the LoRA settings of ``model_config``; raise ``ValueError`` for ones the model cannot take."""
+        return None
+
+    @classmethod
+    def prepare_processor_files(cls, model_path: str) -> str | None:
+        """Fix up the checkpoint's processor files before they are loaded; return another path, or ``None``."""
+        return None
+
+    @classmethod
+    def configure_trainable_params(cls, module: torch.nn.Module, model_config: DiffusionModelConfig) -> None:
+        """Set ``requires_grad`` on the parameters to train, after the module is built (before FSDP)."""
+        return None
+
+    @classmethod
+    def forward(
+        cls,
+        module: ModelMixin,
+        model_config: DiffusionModelConfig,
+        model_inputs: dict[str, Any],
+        negative_model_inputs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """One model prediction: ``module(**model_inputs)[0]``.
+
+        Forward-process objectives (DPO, DiffusionNFT) train on it directly; adapters override it for
+        guidance, negative inputs or output conversion.
+        """
+        return module(**model_inputs)[0]
 
     @classmethod
     @abstractmethod
@@ -216,6 +313,112 @@ class DiffusionModelBase(ABC):
         Returns:
             ``(log_prob, prev_sample_mean, std_dev_t, sqrt_dt)``.
         """
+
+
+TARGET_SEQ_LEN_KEY = "_target_seq_len"
+"""Key of the model inputs that tells :meth:`DiffusionI2IModelBase.forward` how many target tokens to keep
+(verl-omni's name, so inputs prepared by either side read the same)."""
+
+
+class DiffusionI2IModelBase(DiffusionModelBase):
+    """Base of the image-conditioned (image-to-image) training adapters.
+
+    Adds two hooks that :func:`~qwen_image_omni.pipelines.utils.prepare_model_inputs` calls after the
+    text-to-image :meth:`prepare_model_inputs`:
+
+    1. :meth:`prepare_condition` reads the condition tensors from the micro-batch;
+    2. :meth:`inject_condition` merges them into the model inputs. The default concatenates
+       ``condition["image_latents"]`` ``(B, S_c, C)`` after ``hidden_states`` along the tokens and
+       records the target length, so :meth:`forward` slices the prediction back to the target tokens.
+
+    An I2I adapter must find a condition: the dispatcher raises ``ValueError`` when
+    :meth:`prepare_condition` returns ``None``. Store condition latents under a micro-batch key
+    other than ``image_latents`` (verl-omni's FLOPs counter reads that one as the denoised latent);
+    ``condition_image_latents`` is the convention.
+    """
+
+    @classmethod
+    def prepare_condition(cls, micro_batch: Mapping[str, Any], latents: torch.Tensor, step: int) -> dict | None:
+        """Return the condition tensors of ``micro_batch`` (``{"image_latents": ...}``), or ``None``."""
+        return None
+
+    @classmethod
+    def inject_condition(
+        cls,
+        model_inputs: dict[str, Any],
+        negative_model_inputs: dict[str, Any] | None,
+        condition: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Concatenate ``condition["image_latents"]`` after ``hidden_states`` in both inputs.
+
+        An empty or ``None`` condition changes nothing.
+
+        Raises:
+            ValueError: no ``image_latents`` in the condition; ``image_latents`` already among the
+                model inputs; condition latents that are not ``(B, S_c, C)`` with the batch and
+                channels of ``hidden_states``.
+        """
+        if not condition:
+            return model_inputs, negative_model_inputs
+        image_latents = condition.get("image_latents")
+        if image_latents is None:
+            raise ValueError(f"inject_condition needs condition['image_latents'], got keys {sorted(condition)}")
+        if "image_latents" in model_inputs:
+            raise ValueError(
+                "model_inputs already hold 'image_latents'; condition latents must come in the condition "
+                "(micro-batch key 'condition_image_latents'), not among the model inputs"
+            )
+        hidden_states = model_inputs["hidden_states"]
+        if not isinstance(image_latents, torch.Tensor) or image_latents.ndim != 3:
+            shape = tuple(image_latents.shape) if isinstance(image_latents, torch.Tensor) else type(image_latents)
+            raise ValueError(f"condition['image_latents'] must be a (batch, tokens, channels) tensor, got {shape}")
+        if image_latents.shape[0] != hidden_states.shape[0] or image_latents.shape[2] != hidden_states.shape[2]:
+            raise ValueError(
+                f"condition['image_latents'] {tuple(image_latents.shape)} must have the batch and channels of "
+                f"hidden_states {tuple(hidden_states.shape)}"
+            )
+        target_seq_len = hidden_states.shape[1]
+        for inputs in (model_inputs, negative_model_inputs):
+            if inputs is None:
+                continue
+            states = inputs["hidden_states"]
+            inputs["hidden_states"] = torch.cat([states, image_latents.to(states.device, states.dtype)], dim=1)
+            inputs[TARGET_SEQ_LEN_KEY] = target_seq_len
+        return model_inputs, negative_model_inputs
+
+    @classmethod
+    def forward(
+        cls,
+        module: ModelMixin,
+        model_config: DiffusionModelConfig,
+        model_inputs: dict[str, Any],
+        negative_model_inputs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """The prediction for the target tokens only (the condition tokens' part is dropped).
+
+        Raises:
+            ValueError: positive and negative inputs disagree on the target length, or the model
+                returned fewer tokens than the target.
+        """
+        model_inputs = dict(model_inputs)
+        target_seq_len = model_inputs.pop(TARGET_SEQ_LEN_KEY, None)
+        if negative_model_inputs is not None:
+            negative_model_inputs = dict(negative_model_inputs)
+            negative_target = negative_model_inputs.pop(TARGET_SEQ_LEN_KEY, None)
+            if target_seq_len is None:
+                target_seq_len = negative_target
+            elif negative_target is not None and negative_target != target_seq_len:
+                raise ValueError(
+                    f"positive and negative inputs keep different target lengths: {target_seq_len} and {negative_target}"
+                )
+        prediction = super().forward(module, model_config, model_inputs, negative_model_inputs)
+        if target_seq_len is None:
+            return prediction
+        if prediction.shape[1] < target_seq_len:
+            raise ValueError(
+                f"the model returned {prediction.shape[1]} tokens, fewer than the {target_seq_len} target tokens"
+            )
+        return prediction[:, :target_seq_len]
 
 
 class VllmOmniPipelineBase:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .model_base import DiffusionModelBase
+from .model_base import DiffusionI2IModelBase, DiffusionModelBase
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin, SchedulerMixin
@@ -64,10 +64,17 @@ def prepare_model_inputs(
 
     Arguments as :meth:`DiffusionModelBase.prepare_model_inputs`.
 
+    Image-conditioned adapters (:class:`DiffusionI2IModelBase`) then get their condition from the
+    micro-batch and inject it.
+
     Returns:
         ``(model_inputs, negative_model_inputs)``; the second is ``None`` without guidance.
+
+    Raises:
+        ValueError: an image-conditioned adapter finds no condition in ``micro_batch``.
     """
-    return DiffusionModelBase.get_class(model_config).prepare_model_inputs(
+    adapter = DiffusionModelBase.get_class(model_config)
+    model_inputs, negative_model_inputs = adapter.prepare_model_inputs(
         module=module,
         model_config=model_config,
         latents=latents,
@@ -79,6 +86,31 @@ def prepare_model_inputs(
         micro_batch=micro_batch,
         step=step,
     )
+    if issubclass(adapter, DiffusionI2IModelBase):
+        condition = adapter.prepare_condition(micro_batch, latents, step)
+        if not condition:
+            keys = sorted(str(key) for key in micro_batch.keys()) if micro_batch is not None else []
+            raise ValueError(
+                f"{adapter.__name__}.prepare_condition found no condition in the micro-batch (keys: {keys}); "
+                "an image-conditioned adapter needs the condition fields its rollout records"
+            )
+        if not isinstance(condition, Mapping):
+            raise TypeError(f"{adapter.__name__}.prepare_condition must return a dict, got {type(condition).__name__}")
+        model_inputs, negative_model_inputs = adapter.inject_condition(model_inputs, negative_model_inputs, condition)
+    return model_inputs, negative_model_inputs
+
+
+def forward(
+    module: ModelMixin,
+    model_config: DiffusionModelConfig,
+    model_inputs: dict[str, Any],
+    negative_model_inputs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """One model prediction with the adapter registered for ``model_config`` (forward-process objectives).
+
+    Arguments as :meth:`DiffusionModelBase.forward`.
+    """
+    return DiffusionModelBase.get_class(model_config).forward(module, model_config, model_inputs, negative_model_inputs)
 
 
 def forward_and_sample_previous_step(

@@ -21,9 +21,11 @@ from .common import (
     apply_true_cfg,
     build_img_shapes,
     check_sde_window,
+    check_sde_windows,
     full_sde_window,
     latent_grid,
     sample_sde_window,
+    sample_sde_windows,
     sde_scheduler,
     set_qwen_image_timesteps,
 )
@@ -41,9 +43,11 @@ __all__ = [
     "apply_true_cfg",
     "build_img_shapes",
     "check_sde_window",
+    "check_sde_windows",
     "full_sde_window",
     "latent_grid",
     "sample_sde_window",
+    "sample_sde_windows",
     "sde_scheduler",
     "set_qwen_image_timesteps",
 ]

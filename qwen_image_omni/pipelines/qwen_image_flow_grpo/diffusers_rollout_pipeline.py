@@ -13,18 +13,17 @@ from diffusers import QwenImagePipeline
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...transformer import QwenImageTransformer2DModel
-from ..checks import check_int
 from ..model_base import VllmOmniPipelineBase
 from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
 from .common import OUTPUT_TYPES, _check_rollout_scales, sde_scheduler
-from .rollout import QwenImageRolloutMixin, QwenImageRolloutOutput
+from .rollout import QwenImageRolloutMixin, QwenImageRolloutOutput, QwenImageTokenIdPrompts
 
 __all__ = ["QwenImagePipelineWithLogProb"]
 
 logger = logging.getLogger(__name__)
 
 @VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo")
-class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
+class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImageTokenIdPrompts, QwenImagePipeline):
     """Rollout pipeline for Qwen-Image that records the SDE window's latents and log-probabilities.
 
     A diffusers ``QwenImagePipeline`` (so ``DiffusionPipeline``: ``register_modules``,
@@ -113,8 +112,9 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
             sigmas: custom sigmas instead of ``linspace(1, 1/N, N)``.
             guidance_scale: distilled guidance scale, used only by ``guidance_embeds`` checkpoints.
             num_images_per_prompt: images per prompt (embeddings repeated per sample).
-            generator: a random generator, or a list of one per sample; the first one also drives
-                the SDE noise and window.
+            generator: a random generator, or a list of one per sample; with a list each sample
+                draws its own noise, SDE window and SDE noise from its generator (a batch gives what
+                each sample would alone).
             latents: ``(B, S, C)`` initial packed noise; drawn when None.
             prompt_embeds: ``(B, L, D)`` precomputed prompt embeddings (any padded width).
             prompt_embeds_mask: ``(B, L)`` their mask (all ones when None).
@@ -161,7 +161,7 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
         else:
             negative_prompt_embeds = negative_prompt_embeds_mask = None
 
-        latents, all_latents, all_log_probs, all_timesteps, sde_window = self.rollout(
+        latents, all_latents, all_log_probs, all_timesteps, sde_windows = self.rollout(
             prompt_embeds,
             prompt_embeds_mask,
             negative_prompt_embeds,
@@ -191,85 +191,11 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
             prompt_embeds_mask=prompt_embeds_mask,
             negative_prompt_embeds=negative_prompt_embeds,
             negative_prompt_embeds_mask=negative_prompt_embeds_mask,
-            sde_window=sde_window,
+            sde_window=sde_windows[0],
+            sde_windows=sde_windows,
         )
 
     # -- prompts ------------------------------------------------------------------------------------
-
-    def encode_prompt_ids(
-        self,
-        prompt_ids: torch.Tensor | list[int] | None,
-        attention_mask: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        prompt_embeds_mask: torch.Tensor | None = None,
-        num_images_per_prompt: int = 1,
-        max_sequence_length: int = 512,
-        name: str = "prompt",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings and mask from token ids (or from precomputed embeddings).
-
-        Embeddings are right-padded to the longest prompt, cut to ``max_sequence_length`` and
-        repeated ``num_images_per_prompt`` times per sample. The mask is always returned (all ones
-        when none was given), so the trainer gets the same tensors the rollout used.
-
-        Args:
-            prompt_ids: token ids ``(B, N)`` / ``(N,)``; ignored when ``prompt_embeds`` is given.
-            attention_mask: mask of ``prompt_ids``.
-            prompt_embeds: precomputed ``(B, L, D)`` embeddings.
-            prompt_embeds_mask: their ``(B, L)`` mask.
-            num_images_per_prompt: repeats per sample.
-            max_sequence_length: maximum width kept.
-            name: the argument family named in error messages (``"prompt"`` / ``"negative_prompt"``).
-        """
-        if prompt_embeds is None:
-            if prompt_ids is None:
-                raise ValueError(f"pass `{name}_embeds` or token ids for the {name}, got neither")
-            prompt_embeds, prompt_embeds_mask = self._embed_token_ids(prompt_ids, attention_mask, name)
-        if prompt_embeds.ndim != 3:
-            raise ValueError(f"`{name}_embeds` must be (batch, width, dim), got shape {tuple(prompt_embeds.shape)}")
-        if prompt_embeds_mask is None:
-            prompt_embeds_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
-        if tuple(prompt_embeds_mask.shape) != tuple(prompt_embeds.shape[:2]):
-            raise ValueError(
-                f"`{name}_embeds_mask` must have shape {tuple(prompt_embeds.shape[:2])}, "
-                f"got {tuple(prompt_embeds_mask.shape)}"
-            )
-        max_sequence_length = check_int("`max_sequence_length`", max_sequence_length, 1)
-        prompt_embeds = prompt_embeds[:, :max_sequence_length]
-        prompt_embeds_mask = prompt_embeds_mask[:, :max_sequence_length]
-        repeats = check_int("`num_images_per_prompt`", num_images_per_prompt, 1)
-        return prompt_embeds.repeat_interleave(repeats, dim=0), prompt_embeds_mask.repeat_interleave(repeats, dim=0)
-
-    def _embed_token_ids(
-        self, prompt_ids: torch.Tensor | list[int], attention_mask: torch.Tensor | None, name: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the text encoder on templated token ids; keep the last hidden state of the valid tokens."""
-        if self.text_encoder is None:
-            raise ValueError(f"token ids for the {name} need a `text_encoder`; pass `{name}_embeds` instead")
-        device = self._execution_device
-        prompt_ids = torch.as_tensor(prompt_ids, device=device)
-        prompt_ids = prompt_ids.unsqueeze(0) if prompt_ids.ndim == 1 else prompt_ids
-        if prompt_ids.ndim != 2:
-            raise ValueError(
-                f"token ids for the {name} must be (batch, tokens) or (tokens,), got {tuple(prompt_ids.shape)}"
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(prompt_ids)
-        attention_mask = attention_mask.to(device).reshape(prompt_ids.shape)
-        outputs = self.text_encoder(input_ids=prompt_ids, attention_mask=attention_mask, output_hidden_states=True)
-        drop = self.prompt_template_encode_start_idx
-        rows = [row[drop:] for row in self._extract_masked_hidden(outputs.hidden_states[-1], attention_mask)]
-        if min(row.shape[0] for row in rows) == 0:
-            raise ValueError(
-                f"every {name} must have more than prompt_template_encode_start_idx={drop} valid tokens "
-                "(the chat template prefix that is dropped)"
-            )
-        width = max(row.shape[0] for row in rows)
-        embeds = torch.stack([torch.cat([row, row.new_zeros(width - row.shape[0], row.shape[1])]) for row in rows])
-        mask = torch.stack(
-            [torch.arange(width, device=device) < row.shape[0] for row in rows]
-        ).to(torch.long)
-        return embeds.to(self.text_encoder.dtype), mask
 
     @staticmethod
     def _do_true_cfg(true_cfg_scale: float, negative_prompt_ids: Any, negative_prompt_embeds: Any) -> bool:

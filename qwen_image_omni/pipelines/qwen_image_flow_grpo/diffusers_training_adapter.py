@@ -47,6 +47,26 @@ class QwenImage(DiffusionModelBase):
     """
 
     @classmethod
+    def build_module(cls, model_config: DiffusionModelConfig, torch_dtype: torch.dtype) -> QwenImageTransformer2DModel:
+        """Our transformer from the checkpoint's transformer folder, for the trainer (verl-omni's hook).
+
+        Reads ``<local_path>/<transformer_subfolder>`` (default ``transformer``), or ``config_path``
+        when the config sets one, as verl-omni's ``AutoModel`` path does; same config, same
+        state-dict keys, so diffusers checkpoints and LoRA names carry over.
+
+        Raises:
+            ValueError: the config has no ``local_path`` (nor ``config_path``).
+        """
+        config_path = getattr(model_config, "config_path", None)
+        local_path = getattr(model_config, "local_path", None)
+        if not (config_path or local_path):
+            raise ValueError("build_module needs model_config.local_path (a diffusers checkpoint folder), got None")
+        subfolder = "" if config_path else getattr(model_config, "transformer_subfolder", "transformer")
+        return QwenImageTransformer2DModel.from_pretrained(
+            config_path or local_path, subfolder=subfolder, torch_dtype=torch_dtype
+        )
+
+    @classmethod
     def build_scheduler(cls, model_config: DiffusionModelConfig) -> FlowMatchSDEDiscreteScheduler:
         """Build the SDE scheduler and set its timesteps for ``model_config.pipeline``.
 
@@ -147,14 +167,15 @@ class QwenImage(DiffusionModelBase):
         model_inputs: dict[str, Any],
         negative_model_inputs: dict[str, Any] | None,
         true_cfg_scale: float,
+        model_config: DiffusionModelConfig | None = None,
     ) -> torch.Tensor:
-        """Transformer forward, with true CFG (:func:`apply_true_cfg`) when ``true_cfg_scale > 1``.
+        """Transformer forward (:meth:`forward`, once per prompt), with true CFG (:func:`apply_true_cfg`)
+        when ``true_cfg_scale > 1``.
 
         Raises:
             ValueError: if ``true_cfg_scale > 1`` and ``negative_model_inputs`` is None.
         """
-        # Call the module (not .forward) so FSDP / hooks see the call.
-        noise_pred = module(**model_inputs)[0]
+        noise_pred = cls.forward(module, model_config, model_inputs)
         if true_cfg_scale <= 1.0:
             return noise_pred
         if negative_model_inputs is None:
@@ -162,7 +183,7 @@ class QwenImage(DiffusionModelBase):
                 f"true_cfg_scale={true_cfg_scale} > 1 needs `negative_model_inputs` "
                 "(from negative prompt embeddings), got None"
             )
-        negative_noise_pred = module(**negative_model_inputs)[0]
+        negative_noise_pred = cls.forward(module, model_config, negative_model_inputs)
         return apply_true_cfg(noise_pred, negative_noise_pred, true_cfg_scale)
 
     @classmethod
@@ -176,11 +197,12 @@ class QwenImage(DiffusionModelBase):
         sample: torch.Tensor,
         timestep: torch.Tensor,
         true_cfg_scale: float,
-        noise_level: float,
+        noise_level: float | list[float],
         sde_type: str,
         prev_sample: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         return_logprobs: bool = True,
+        model_config: DiffusionModelConfig | None = None,
     ) -> tuple:
         """One reverse step: :meth:`predict_noise` then the scheduler's ``sample_previous_step``.
 
@@ -192,27 +214,54 @@ class QwenImage(DiffusionModelBase):
             sample: ``(B, S, C)`` current latents x_t (cast to float32 for the scheduler).
             timestep: ``(B,)`` scheduler timesteps of this step (values of ``scheduler.timesteps``).
             true_cfg_scale: CFG scale; <= 1 disables CFG.
-            noise_level: eta; 0 gives the deterministic Euler step.
+            noise_level: eta; 0 gives the deterministic Euler step; a list gives one per sample.
             sde_type: ``"sde"``, ``"cps"`` or ``"dance_sde"``.
             prev_sample: ``(B, S, C)`` x_{t-1} to score, or None to draw it.
             generator: random generator for the drawn noise.
             return_logprobs: compute the log-probability.
+            model_config: handed to :meth:`forward` (adapters whose prediction depends on it).
 
         Returns:
             ``(prev_sample, log_prob, prev_sample_mean, std_dev_t, sqrt_dt)``.
         """
-        noise_pred = cls.predict_noise(module, model_inputs, negative_model_inputs, true_cfg_scale)
-        return scheduler.sample_previous_step(
-            sample=sample.float(),
-            model_output=noise_pred.float(),
-            timestep=timestep,
-            generator=generator,
-            noise_level=noise_level,
-            prev_sample=None if prev_sample is None else prev_sample.float(),
-            sde_type=_check_sde_type(sde_type),
-            return_logprobs=return_logprobs,
-            return_sqrt_dt=True,
-        )
+        noise_pred = cls.predict_noise(module, model_inputs, negative_model_inputs, true_cfg_scale, model_config)
+        levels = noise_level if isinstance(noise_level, (list, tuple)) else [noise_level] * sample.shape[0]
+        if len(levels) != sample.shape[0]:
+            raise ValueError(f"`noise_level` must be one number or one per sample ({sample.shape[0]}), got {len(levels)}")
+        step = {"sde_type": _check_sde_type(sde_type), "return_logprobs": return_logprobs, "return_sqrt_dt": True}
+        if len(set(levels)) == 1:
+            return scheduler.sample_previous_step(
+                sample=sample.float(),
+                model_output=noise_pred.float(),
+                timestep=timestep,
+                generator=generator,
+                noise_level=levels[0],
+                prev_sample=None if prev_sample is None else prev_sample.float(),
+                **step,
+            )
+        # Samples at different noise levels (each inside or outside its own SDE window): one scheduler
+        # step per level, each sample with its own generator, then back into batch order.
+        results: list[Any] = [None] * 5
+        for level in dict.fromkeys(levels):
+            rows = [row for row, value in enumerate(levels) if value == level]
+            index = torch.tensor(rows, device=sample.device)
+            part = scheduler.sample_previous_step(
+                sample=sample[index].float(),
+                model_output=noise_pred[index].float(),
+                timestep=timestep[index] if torch.is_tensor(timestep) and timestep.ndim else timestep,
+                generator=[generator[row] for row in rows] if isinstance(generator, (list, tuple)) else generator,
+                noise_level=level,
+                prev_sample=None if prev_sample is None else prev_sample[index].float(),
+                **step,
+            )
+            for position, value in enumerate(part):
+                if value is None:
+                    continue
+                value = value.expand(len(rows), *value.shape[1:]) if value.shape[0] == 1 else value
+                if results[position] is None:
+                    results[position] = value.new_zeros((sample.shape[0], *value.shape[1:]))
+                results[position][index] = value
+        return tuple(results)
 
     @classmethod
     def forward_and_sample_previous_step(
@@ -259,6 +308,7 @@ class QwenImage(DiffusionModelBase):
             noise_level=model_config.algo.noise_level,
             sde_type=model_config.algo.sde_type,
             prev_sample=latents[:, step + 1],
+            model_config=model_config,
         )
         return log_prob, prev_sample_mean, std_dev_t, sqrt_dt
 

@@ -13,22 +13,23 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
+from ..checks import check_int
 from ..config import DiffusionAlgoConfig, DiffusionModelConfig, DiffusionPipelineConfig
 from ..schedulers.flow_match_sde import check_generator
+from ..rollout_output import PROMPT_EMBEDDING_KEYS, rollout_envelope
 from .common import (
     _check_rollout_scales,
     _check_sde_type,
     _match_batch,
     build_img_shapes,
-    check_sde_window,
-    full_sde_window,
+    check_sde_windows,
     latent_grid,
-    sample_sde_window,
+    sample_sde_windows,
     set_qwen_image_timesteps,
 )
 from .diffusers_training_adapter import QwenImage
 
-__all__ = ["QwenImageRolloutMixin", "QwenImageRolloutOutput"]
+__all__ = ["QwenImageRolloutMixin", "QwenImageRolloutOutput", "QwenImageTokenIdPrompts"]
 
 @dataclass
 class QwenImageRolloutOutput(BaseOutput):
@@ -44,7 +45,13 @@ class QwenImageRolloutOutput(BaseOutput):
         prompt_embeds_mask: ``(B, L)`` their mask.
         negative_prompt_embeds: ``(B, L', D)`` negative embeddings, or None without CFG.
         negative_prompt_embeds_mask: ``(B, L')`` their mask, or None.
-        sde_window: the ``(start, end)`` step indices of the SDE window.
+        sde_window: the ``(start, end)`` step indices of the SDE window (of the first sample when
+            the samples drew their own windows; ``sde_windows`` has all of them).
+        rl: the algorithm's own tensors for the trainer (``metadata["rl"]`` of :attr:`output`), or None.
+        sde_windows: one ``(start, end)`` per sample.
+
+    verl-omni main's contract is :attr:`output` (the envelope with ``prompt_embeddings`` and ``rl``
+    metadata) plus the ``trajectory_*`` properties, as on vllm-omni's ``DiffusionOutput``.
     """
 
     images: torch.Tensor | list[PIL.Image.Image]
@@ -56,10 +63,37 @@ class QwenImageRolloutOutput(BaseOutput):
     negative_prompt_embeds: torch.Tensor | None
     negative_prompt_embeds_mask: torch.Tensor | None
     sde_window: tuple[int, int]
+    rl: dict[str, Any] | None = None
+    sde_windows: list[tuple[int, int]] | None = None
+
+    @property
+    def trajectory_latents(self) -> torch.Tensor:
+        """``all_latents`` under vllm-omni's ``DiffusionOutput`` name."""
+        return self.all_latents
+
+    @property
+    def trajectory_log_probs(self) -> torch.Tensor | None:
+        """``all_log_probs`` under vllm-omni's ``DiffusionOutput`` name."""
+        return self.all_log_probs
+
+    @property
+    def trajectory_timesteps(self) -> torch.Tensor:
+        """``all_timesteps`` under vllm-omni's ``DiffusionOutput`` name."""
+        return self.all_timesteps
+
+    @property
+    def prompt_embeddings(self) -> dict[str, Any]:
+        """The prompt embeddings and masks the rollout used (``metadata["prompt_embeddings"]``)."""
+        return {key: getattr(self, key) for key in PROMPT_EMBEDDING_KEYS}
+
+    @property
+    def output(self) -> dict[str, Any]:
+        """verl-omni's envelope: ``{"payload": {"image"}, "metadata": {"prompt_embeddings", "rl"}}``."""
+        return rollout_envelope(self.images, prompt_embeddings=self.prompt_embeddings, rl=self.rl)
 
     @property
     def custom_output(self) -> dict[str, Any]:
-        """The rollout data under the keys of vllm-omni's ``DiffusionOutput.custom_output``."""
+        """The rollout data under seed 004's ``custom_output`` keys (verl-omni main reads :attr:`output`)."""
         keys = (
             "all_latents",
             "all_log_probs",
@@ -122,7 +156,9 @@ class QwenImageRolloutMixin:
         Arguments are those of :meth:`QwenImagePipelineWithLogProb.forward`.
 
         Returns:
-            ``(latents, all_latents, all_log_probs, all_timesteps, sde_window)``.
+            ``(latents, all_latents, all_log_probs, all_timesteps, sde_windows)``, one window per sample
+            (:func:`sample_sde_windows`: each sample draws its own from its generator when
+            ``generator`` is a list, so a packed batch gives what each request alone would).
 
         Raises:
             ValueError: a size that is not a multiple of ``2 * vae_scale_factor``; a NaN, infinite or
@@ -146,11 +182,7 @@ class QwenImageRolloutMixin:
         if getattr(self.transformer.config, "guidance_embeds", False):
             guidance = torch.full((batch_size,), float(guidance_scale), device=device, dtype=torch.float32)
 
-        sde_generator = generator[0] if isinstance(generator, list) else generator
-        if sde_window_size is None:
-            sde_window = full_sde_window(len(timesteps))
-        else:
-            sde_window = sample_sde_window(sde_window_size, sde_window_range, len(timesteps), sde_generator)
+        sde_windows = sample_sde_windows(sde_window_size, sde_window_range, len(timesteps), generator, batch_size)
 
         latents, all_latents, all_log_probs, all_timesteps = self.diffuse(
             prompt_embeds,
@@ -164,12 +196,12 @@ class QwenImageRolloutMixin:
             guidance,
             true_cfg_scale,
             noise_level,
-            sde_window,
+            sde_windows,
             sde_type,
-            sde_generator,
+            generator,
             logprobs,
         )
-        return latents, all_latents, all_log_probs, all_timesteps, sde_window
+        return latents, all_latents, all_log_probs, all_timesteps, sde_windows
 
     # -- latents ------------------------------------------------------------------------------------
 
@@ -209,9 +241,9 @@ class QwenImageRolloutMixin:
         guidance: torch.Tensor | None,
         true_cfg_scale: float,
         noise_level: float,
-        sde_window: tuple[int, int],
+        sde_window: tuple[int, int] | list[tuple[int, int]],
         sde_type: str,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
         logprobs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Run the whole denoising loop and collect the SDE window's rollout data.
@@ -228,31 +260,34 @@ class QwenImageRolloutMixin:
             guidance: guidance-distillation scale ``(B,)`` or None (Qwen-Image: None).
             true_cfg_scale: CFG scale.
             noise_level: SDE noise level inside the window.
-            sde_window: ``(start, end)`` step indices of the SDE steps (``end`` exclusive).
+            sde_window: ``(start, end)`` step indices of the SDE steps (``end`` exclusive), shared by
+                the batch, or a list of one window per sample (all of one size).
             sde_type: ``"sde"``, ``"cps"`` or ``"dance_sde"``.
-            generator: random generator for the SDE noise.
+            generator: random generator for the SDE noise, or a list of one per sample.
             logprobs: compute the window's log-probabilities.
 
         Returns:
             ``(latents, all_latents, all_log_probs, all_timesteps)``: final latents ``(B, S, C)``,
             window states ``(B, W + 1, S, C)`` float32, log-probs ``(B, W)`` or None, timesteps ``(B, W)``.
         """
-        start, end = check_sde_window(sde_window, len(timesteps))
+        batch_size = latents.shape[0]
+        windows = check_sde_windows(sde_window, len(timesteps), batch_size)
         _check_sde_type(sde_type)
         if do_true_cfg and negative_prompt_embeds is None:
             raise ValueError("do_true_cfg=True needs `negative_prompt_embeds`, got None")
         model_config = self._step_config(img_shapes, len(timesteps), guidance, true_cfg_scale if do_true_cfg else 1.0)
         micro_batch = self._micro_batch(img_shapes)
         latents = latents.float()
-        batch_size = latents.shape[0]
-        all_latents, all_log_probs, all_timesteps = [], [], []
+        rows = range(batch_size)
+        all_latents, all_log_probs, all_timesteps = [[] for _ in rows], [[] for _ in rows], [[] for _ in rows]
         for index, timestep in enumerate(timesteps):
             if getattr(self, "_interrupt", False):
                 continue
             self._current_timestep = timestep
-            in_window = start <= index < end
-            if index == start:
-                all_latents.append(latents)
+            in_window = [start <= index < end for start, end in windows]
+            for row, (start, _) in enumerate(windows):
+                if index == start:
+                    all_latents[row].append(latents[row])
             step_timesteps = timestep.reshape(1).expand(batch_size).to(device=latents.device, dtype=torch.float32)
             latents, log_prob = self._denoise_step(
                 latents,
@@ -261,18 +296,22 @@ class QwenImageRolloutMixin:
                 (negative_prompt_embeds, negative_prompt_embeds_mask) if do_true_cfg else (None, None),
                 model_config,
                 micro_batch,
-                noise_level if in_window else 0.0,
+                [noise_level if inside else 0.0 for inside in in_window],
                 sde_type,
                 generator,
-                logprobs and in_window,
+                logprobs and any(in_window),
             )
-            if in_window:
-                all_latents.append(latents)
-                all_log_probs.append(log_prob)
-                all_timesteps.append(step_timesteps)
+            for row, inside in enumerate(in_window):
+                if inside:
+                    all_latents[row].append(latents[row])
+                    all_log_probs[row].append(None if log_prob is None else log_prob[row])
+                    all_timesteps[row].append(step_timesteps[row])
         self._current_timestep = None
-        stacked_log_probs = torch.stack(all_log_probs, dim=1) if logprobs else None
-        return latents, torch.stack(all_latents, dim=1), stacked_log_probs, torch.stack(all_timesteps, dim=1)
+
+        def stack(per_row: list[list[torch.Tensor]]) -> torch.Tensor:
+            return torch.stack([torch.stack(steps) for steps in per_row])
+
+        return latents, stack(all_latents), stack(all_log_probs) if logprobs else None, stack(all_timesteps)
 
     def _denoise_step(
         self,
@@ -282,12 +321,15 @@ class QwenImageRolloutMixin:
         negative_prompt: tuple[torch.Tensor | None, torch.Tensor | None],
         model_config: DiffusionModelConfig,
         micro_batch: dict[str, Any],
-        noise_level: float,
+        noise_level: float | list[float],
         sde_type: str,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
         return_logprobs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One rollout step through the trainer's functions; returns ``(prev_latents, log_prob)``."""
+        """One rollout step through the trainer's functions; returns ``(prev_latents, log_prob)``.
+
+        ``noise_level`` may hold one level per sample (samples inside and outside their SDE window).
+        """
         adapter = self.training_adapter
         model_inputs, negative_model_inputs = adapter.prepare_model_inputs(
             self.transformer,
@@ -318,6 +360,7 @@ class QwenImageRolloutMixin:
             sde_type=sde_type,
             generator=generator,
             return_logprobs=return_logprobs,
+            model_config=model_config,
         )
         return prev_latents, log_prob
 
@@ -351,4 +394,89 @@ class QwenImageRolloutMixin:
             ),
             algo=DiffusionAlgoConfig(),
         )
+
+
+
+class QwenImageTokenIdPrompts:
+    """Prompt embeddings from templated token ids, for rollout pipelines (diffusers' and vllm-omni's).
+
+    RL frameworks send rollouts token ids, not text (verl-omni's rollout server sends each request
+    ``prompt_token_ids``, ``prompt_mask`` and ``negative_prompt_ids``). The host pipeline provides
+    Qwen-Image's ``text_encoder``, ``prompt_template_encode_start_idx`` and ``_extract_masked_hidden``.
+    """
+
+    def encode_prompt_ids(
+        self,
+        prompt_ids: torch.Tensor | list[int] | None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 512,
+        name: str = "prompt",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings and mask from token ids (or from precomputed embeddings).
+
+        Embeddings are right-padded to the longest prompt, cut to ``max_sequence_length`` and
+        repeated ``num_images_per_prompt`` times per sample. The mask is always returned (all ones
+        when none was given), so the trainer gets the same tensors the rollout used.
+
+        Args:
+            prompt_ids: token ids ``(B, N)`` / ``(N,)``; ignored when ``prompt_embeds`` is given.
+            attention_mask: mask of ``prompt_ids``.
+            prompt_embeds: precomputed ``(B, L, D)`` embeddings.
+            prompt_embeds_mask: their ``(B, L)`` mask.
+            num_images_per_prompt: repeats per sample.
+            max_sequence_length: maximum width kept.
+            name: the argument family named in error messages (``"prompt"`` / ``"negative_prompt"``).
+        """
+        if prompt_embeds is None:
+            if prompt_ids is None:
+                raise ValueError(f"pass `{name}_embeds` or token ids for the {name}, got neither")
+            prompt_embeds, prompt_embeds_mask = self._embed_token_ids(prompt_ids, attention_mask, name)
+        if prompt_embeds.ndim != 3:
+            raise ValueError(f"`{name}_embeds` must be (batch, width, dim), got shape {tuple(prompt_embeds.shape)}")
+        if prompt_embeds_mask is None:
+            prompt_embeds_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
+        if tuple(prompt_embeds_mask.shape) != tuple(prompt_embeds.shape[:2]):
+            raise ValueError(
+                f"`{name}_embeds_mask` must have shape {tuple(prompt_embeds.shape[:2])}, "
+                f"got {tuple(prompt_embeds_mask.shape)}"
+            )
+        max_sequence_length = check_int("`max_sequence_length`", max_sequence_length, 1)
+        prompt_embeds = prompt_embeds[:, :max_sequence_length]
+        prompt_embeds_mask = prompt_embeds_mask[:, :max_sequence_length]
+        repeats = check_int("`num_images_per_prompt`", num_images_per_prompt, 1)
+        return prompt_embeds.repeat_interleave(repeats, dim=0), prompt_embeds_mask.repeat_interleave(repeats, dim=0)
+
+    def _embed_token_ids(
+        self, prompt_ids: torch.Tensor | list[int], attention_mask: torch.Tensor | None, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the text encoder on templated token ids; keep the last hidden state of the valid tokens."""
+        if self.text_encoder is None:
+            raise ValueError(f"token ids for the {name} need a `text_encoder`; pass `{name}_embeds` instead")
+        device = self.text_encoder.device
+        prompt_ids = torch.as_tensor(prompt_ids, device=device)
+        prompt_ids = prompt_ids.unsqueeze(0) if prompt_ids.ndim == 1 else prompt_ids
+        if prompt_ids.ndim != 2:
+            raise ValueError(
+                f"token ids for the {name} must be (batch, tokens) or (tokens,), got {tuple(prompt_ids.shape)}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompt_ids)
+        attention_mask = attention_mask.to(device).reshape(prompt_ids.shape)
+        outputs = self.text_encoder(input_ids=prompt_ids, attention_mask=attention_mask, output_hidden_states=True)
+        drop = self.prompt_template_encode_start_idx
+        rows = [row[drop:] for row in self._extract_masked_hidden(outputs.hidden_states[-1], attention_mask)]
+        if min(row.shape[0] for row in rows) == 0:
+            raise ValueError(
+                f"every {name} must have more than prompt_template_encode_start_idx={drop} valid tokens "
+                "(the chat template prefix that is dropped)"
+            )
+        width = max(row.shape[0] for row in rows)
+        embeds = torch.stack([torch.cat([row, row.new_zeros(width - row.shape[0], row.shape[1])]) for row in rows])
+        mask = torch.stack(
+            [torch.arange(width, device=device) < row.shape[0] for row in rows]
+        ).to(torch.long)
+        return embeds.to(self.text_encoder.dtype), mask
 

@@ -144,24 +144,30 @@ class QwenImageMixGRPO(QwenImage):
         cls,
         model_config: DiffusionModelConfig,
         global_steps: int,
-        sample_strategy: str = "random",
-        iters_per_group: int = 1,
-        sde_window_seed: int = 0,
+        sample_strategy: str | None = None,
+        iters_per_group: int | None = None,
+        sde_window_seed: int | None = None,
     ) -> tuple[int, int]:
         """The SDE window at training step ``global_steps`` for ``model_config``.
 
         Uses ``algo.sde_window_size`` and ``algo.sde_window_range``; with no size, the full window
-        (:func:`full_sde_window`); with no range, the envelope is the full window.
+        (:func:`full_sde_window`); with no range, the envelope is the full window. The schedule
+        options default to ``algo.sample_strategy``, ``algo.iters_per_group`` and ``algo.sde_window_seed``.
 
         Args:
-            model_config: provides ``algo.sde_window_size``, ``algo.sde_window_range`` and
-                ``pipeline.num_inference_steps``.
-            global_steps, sample_strategy, iters_per_group, sde_window_seed: as in :func:`mix_grpo_sde_window`.
+            model_config: provides ``algo`` and ``pipeline.num_inference_steps``.
+            global_steps, sample_strategy, iters_per_group, sde_window_seed: as in :func:`mix_grpo_sde_window`;
+                ``None`` takes the value from ``model_config.algo``.
         """
+        algo = model_config.algo
+        sample_strategy = algo.sample_strategy if sample_strategy is None else sample_strategy
+        iters_per_group = algo.iters_per_group if iters_per_group is None else iters_per_group
+        sde_window_seed = algo.sde_window_seed if sde_window_seed is None else sde_window_seed
         num_steps = model_config.pipeline.num_inference_steps
-        size = model_config.algo.sde_window_size
+        size = algo.sde_window_size
         if size is None:
+            _check_schedule(sample_strategy, global_steps, iters_per_group, sde_window_seed)
             return full_sde_window(num_steps)
-        envelope = model_config.algo.sde_window_range or full_sde_window(num_steps)
+        envelope = algo.sde_window_range or full_sde_window(num_steps)
         window = mix_grpo_sde_window(sample_strategy, size, envelope, global_steps, iters_per_group, sde_window_seed)
         return check_sde_window(window, num_steps)

@@ -1,0 +1,37 @@
+"""Qwen-Image DPO rollout pipeline on vllm-omni (needs vllm-omni; imported by the integration).
+
+verl-omni main's ``QwenImageDPOPipeline`` contract: each request's ``DiffusionOutput`` carries the
+image, ``metadata["prompt_embeddings"]`` and ``metadata["rl"] = {"latents_clean": ...}``. Here the
+loop is FlowGRPO's (:class:`~..qwen_image_flow_grpo.QwenImageRolloutMixin`) as a deterministic ODE,
+with no text length anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..model_base import VllmOmniPipelineBase
+from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
+from .rollout import CLEAN_LATENTS_KEY, QwenImageDPORolloutMixin
+
+__all__ = ["QwenImageDPOPipeline"]
+
+
+@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="dpo", replace=True)
+class QwenImageDPOPipeline(QwenImageDPORolloutMixin, QwenImagePipelineWithLogProb):
+    """DPO rollout on vllm-omni: the FlowGRPO vllm-omni pipeline's loop at noise level 0.
+
+    SDE options in ``sampling_params.extra_args`` are ignored (the rollout fixes them,
+    :func:`~.rollout.ode_rollout_options`); ``trajectory_*`` hold the last step.
+    """
+
+    @classmethod
+    def rollout_options(cls, extra_args: dict[str, Any] | None) -> dict[str, Any]:
+        """No options: :meth:`QwenImageDPORolloutMixin.rollout` sets the ODE's."""
+        return {}
+
+    def rollout_rl(self, *, latents: torch.Tensor, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``{"latents_clean": (B, S, C) float32}``, the final packed latents the DPO trainer re-noises."""
+        return {CLEAN_LATENTS_KEY: latents.float()}

@@ -1,0 +1,32 @@
+"""Qwen-Image-Edit-Plus with FlowGRPO: the image-conditioned training adapter and its rollout pipeline.
+
+- :mod:`.diffusers_training_adapter`: :class:`QwenImageEditPlusFlowGRPO`, registered for
+  ``("QwenImageEditPlusPipeline", "flow_grpo")``: Qwen-Image's FlowGRPO step functions plus the
+  condition image (``condition_image_latents`` appended after the target tokens, condition-aware
+  ``img_shapes``, the prediction sliced back to the target);
+- :mod:`.diffusers_rollout_pipeline`: :class:`QwenImageEditPlusPipelineWithLogProb` on diffusers,
+  the Qwen-Image rollout loop with that adapter; it records the condition latents and ``img_shapes``
+  in ``metadata["rl"]`` for the trainer.
+
+As for text-to-image, no text length is passed anywhere: the transformer takes the text RoPE length
+from ``encoder_hidden_states.shape[1]``.
+"""
+
+from .diffusers_rollout_pipeline import ARCHITECTURE, QwenImageEditPlusPipelineWithLogProb
+from .diffusers_training_adapter import (
+    CONDITION_LATENTS_KEY,
+    IMG_SHAPES_KEY,
+    SP_SIZE_KEY,
+    QwenImageEditPlusFlowGRPO,
+    check_img_shapes,
+)
+
+__all__ = [
+    "ARCHITECTURE",
+    "CONDITION_LATENTS_KEY",
+    "IMG_SHAPES_KEY",
+    "SP_SIZE_KEY",
+    "QwenImageEditPlusFlowGRPO",
+    "QwenImageEditPlusPipelineWithLogProb",
+    "check_img_shapes",
+]
