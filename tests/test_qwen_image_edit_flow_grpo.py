@@ -286,16 +286,20 @@ def test_trainer_recomputes_edit_rollout_log_probs(pipe, rows, sde_type, cfg, tr
 
 
 def test_rollout_goes_through_the_trainer_dispatch(pipe, rows, monkeypatch):
-    """Every rollout step builds its inputs with utils.prepare_model_inputs (condition injected there)."""
-    calls = []
-    original = utils.prepare_model_inputs
+    """Every rollout step builds its inputs with the trainer's input path, utils.adapter_model_inputs
+    (the adapter's prepare_model_inputs, then the condition injected)."""
+    from qwen_image_omni.pipelines.qwen_image_flow_grpo import rollout as shared_loop
 
-    def spy(**kwargs):
-        result = original(**kwargs)
-        calls.append((kwargs["model_config"].architecture, result))
+    calls = []
+    original = utils.adapter_model_inputs
+
+    def spy(adapter, module, model_config, *args):
+        result = original(adapter, module, model_config, *args)
+        assert adapter is QwenImageEditPlusFlowGRPO
+        calls.append((model_config.architecture, result))
         return result
 
-    monkeypatch.setattr(utils, "prepare_model_inputs", spy)
+    monkeypatch.setattr(shared_loop, "adapter_model_inputs", spy)
     _rollout(pipe, rows, ROLLOUT_WIDTH)
     assert len(calls) == STEPS
     for architecture, (inputs, negative_inputs) in calls:

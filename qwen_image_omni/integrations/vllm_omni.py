@@ -18,10 +18,11 @@ text RoPE length from ``encoder_hidden_states.shape[1]``, so no text length is c
 
 :class:`QwenImagePipelineWithLogProb` is the FlowGRPO rollout pipeline on vllm-omni: the same
 :class:`~qwen_image_omni.pipelines.qwen_image_flow_grpo.QwenImageRolloutMixin` loop as the diffusers
-rollout pipeline, so trainer log-probs equal rollout log-probs. It is registered on
-``VllmOmniPipelineBase`` for ``("QwenImagePipeline", "flow_grpo")``; RL frameworks load it with
+rollout pipeline, so trainer log-probs equal rollout log-probs. It and its siblings for MixGRPO, DPO,
+DiffusionNFT, Edit-Plus FlowGRPO and Dual-GRPO live in their algorithm's package
+(``pipelines/<arch>_<algorithm>/vllm_omni_rollout_pipeline.py``); imported at the bottom of this
+module, they register on ``VllmOmniPipelineBase``, and RL frameworks load them with
 ``load_format="custom_pipeline"`` and ``custom_pipeline_name=VllmOmniPipelineBase.get_pipeline_path(...)``.
-:class:`QwenImageMixGRPOPipelineWithLogProb` is its MixGRPO twin (``"mix_grpo"``).
 
 Importing this module needs vllm-omni; the rest of the package imports without it.
 """
@@ -83,6 +84,9 @@ __all__ = [
     "QwenImageEditPlusPipeline",
     "QwenImageLayeredPipeline",
     "QwenImageDPOPipeline",
+    "QwenImageDiffusionNFTPipeline",
+    "QwenImageEditPlusPipelineWithLogProb",
+    "QwenImagePipelineWithDualLogProb",
     "QwenImageMixGRPOPipelineWithLogProb",
     "QwenImagePipeline",
     "QwenImagePipelineWithLogProb",
@@ -557,3 +561,6 @@ def register() -> None:
 from ..pipelines.qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb  # noqa: E402
 from ..pipelines.qwen_image_mix_grpo.vllm_omni_rollout_pipeline import QwenImageMixGRPOPipelineWithLogProb  # noqa: E402
 from ..pipelines.qwen_image_dpo.vllm_omni_rollout_pipeline import QwenImageDPOPipeline  # noqa: E402
+from ..pipelines.qwen_image_dual_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithDualLogProb  # noqa: E402
+from ..pipelines.qwen_image_diffusion_nft.vllm_omni_rollout_pipeline import QwenImageDiffusionNFTPipeline  # noqa: E402
+from ..pipelines.qwen_image_edit_flow_grpo.vllm_omni_rollout_pipeline import QwenImageEditPlusPipelineWithLogProb  # noqa: E402

@@ -44,6 +44,7 @@ from . import qwen_image_diffusion_nft  # QwenImagePipeline / diffusion_nft
 from . import qwen_image_edit_flow_grpo  # QwenImageEditPlusPipeline / flow_grpo
 from . import qwen_image_mix_grpo  # QwenImagePipeline / mix_grpo
 from . import qwen_image_dpo  # QwenImagePipeline / dpo
+from . import qwen_image_dual_grpo  # QwenImagePipeline / dual_grpo
 from . import sd3_dpo  # StableDiffusion3Pipeline / dpo
 
 # --- End of built-in adapters. -----------------------------------------------------------------

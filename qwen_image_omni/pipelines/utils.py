@@ -62,18 +62,48 @@ def prepare_model_inputs(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Build the transformer inputs with the adapter registered for ``model_config``.
 
-    Arguments as :meth:`DiffusionModelBase.prepare_model_inputs`.
-
-    Image-conditioned adapters (:class:`DiffusionI2IModelBase`) then get their condition from the
-    micro-batch and inject it.
+    Arguments as :meth:`DiffusionModelBase.prepare_model_inputs`; see :func:`adapter_model_inputs`.
 
     Returns:
         ``(model_inputs, negative_model_inputs)``; the second is ``None`` without guidance.
+    """
+    return adapter_model_inputs(
+        DiffusionModelBase.get_class(model_config),
+        module,
+        model_config,
+        latents,
+        timesteps,
+        prompt_embeds,
+        prompt_embeds_mask,
+        negative_prompt_embeds,
+        negative_prompt_embeds_mask,
+        micro_batch,
+        step,
+    )
+
+
+def adapter_model_inputs(
+    adapter: type[DiffusionModelBase],
+    module: ModelMixin,
+    model_config: DiffusionModelConfig,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_embeds_mask: torch.Tensor | None,
+    negative_prompt_embeds: torch.Tensor | None,
+    negative_prompt_embeds_mask: torch.Tensor | None,
+    micro_batch: Mapping[str, Any],
+    step: int,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``adapter``'s transformer inputs: its :meth:`~DiffusionModelBase.prepare_model_inputs`, then, for
+    image-conditioned adapters (:class:`DiffusionI2IModelBase`), the condition from the micro-batch.
+
+    The trainer (through :func:`prepare_model_inputs`) and the rollout pipelines both come here.
 
     Raises:
         ValueError: an image-conditioned adapter finds no condition in ``micro_batch``.
+        TypeError: its ``prepare_condition`` returns something other than a dict.
     """
-    adapter = DiffusionModelBase.get_class(model_config)
     model_inputs, negative_model_inputs = adapter.prepare_model_inputs(
         module=module,
         model_config=model_config,

@@ -5,13 +5,16 @@
   :func:`forward_process_sample`), verl-omni main's math;
 - :mod:`.diffusers_training_adapter`: :class:`QwenImageDiffusionNFT`, registered for
   ``("QwenImagePipeline", "diffusion_nft")``: inputs at a noised latent, the true-CFG prediction;
-- :mod:`.diffusers_rollout_pipeline`: :class:`QwenImageDiffusionNFTPipeline`, the deterministic
-  rollout on diffusers that records ``rl = {"latents_clean", "train_timesteps"}``.
+- :mod:`.rollout`: :class:`QwenImageDiffusionNFTRolloutMixin`, FlowGRPO's rollout loop as a
+  deterministic ODE (:func:`nft_ode_options`) recording ``rl = {"latents_clean", "train_timesteps"}``
+  (:func:`diffusion_nft_rl`), shared by both rollout pipelines;
+- :mod:`.diffusers_rollout_pipeline`: :class:`QwenImageDiffusionNFTPipeline`, the rollout on diffusers;
+- :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, imported only with vllm-omni installed.
 
 No text length is computed or passed: the transformer takes it from ``encoder_hidden_states.shape[1]``.
 """
 
-from .diffusers_rollout_pipeline import SDE_OPTIONS, QwenImageDiffusionNFTPipeline, diffusion_nft_rl
+from .diffusers_rollout_pipeline import QwenImageDiffusionNFTPipeline
 from .diffusers_training_adapter import QwenImageDiffusionNFT
 from .loss import (
     ADV_MODES,
@@ -21,16 +24,28 @@ from .loss import (
     group_advantages,
     select_train_timesteps,
 )
+from .rollout import (
+    CLEAN_LATENTS_KEY,
+    SDE_OPTIONS,
+    TRAIN_TIMESTEPS_KEY,
+    QwenImageDiffusionNFTRolloutMixin,
+    diffusion_nft_rl,
+    nft_ode_options,
+)
 
 __all__ = [
     "ADV_MODES",
+    "CLEAN_LATENTS_KEY",
     "SDE_OPTIONS",
+    "TRAIN_TIMESTEPS_KEY",
     "QwenImageDiffusionNFT",
     "QwenImageDiffusionNFTPipeline",
+    "QwenImageDiffusionNFTRolloutMixin",
     "advantage_to_reward_prob",
     "diffusion_nft_loss",
     "diffusion_nft_rl",
     "forward_process_sample",
     "group_advantages",
+    "nft_ode_options",
     "select_train_timesteps",
 ]

@@ -19,59 +19,27 @@ import dataclasses
 import inspect
 from typing import Any
 
-import torch
-
-from ..checks import check_int
 from ..model_base import VllmOmniPipelineBase
 from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import QwenImagePipelineWithLogProb
 from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
-from .diffusers_training_adapter import QwenImageDiffusionNFT
+from .rollout import SDE_OPTIONS, QwenImageDiffusionNFTRolloutMixin, diffusion_nft_rl
 
 __all__ = ["SDE_OPTIONS", "QwenImageDiffusionNFTPipeline", "diffusion_nft_rl"]
 
-SDE_OPTIONS: tuple[str, ...] = ("noise_level", "sde_window_size", "sde_window_range", "sde_type", "logprobs")
-"""FlowGRPO rollout options that a DiffusionNFT rollout fixes itself (it is deterministic) and refuses."""
-
-
-def diffusion_nft_rl(latents: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The ``rl`` metadata of a DiffusionNFT rollout: ``latents_clean`` and ``train_timesteps``.
-
-    Args:
-        latents: ``(B, S, C)`` final packed latents of the ODE.
-        timesteps: ``(N,)`` the schedule the rollout ran (``scheduler.timesteps``).
-
-    Returns:
-        ``{"latents_clean": (B, S, C) float32, "train_timesteps": (B, N)}`` (their own memory, so a
-        per-request slice does not keep the whole batch alive).
-
-    Raises:
-        ValueError: ``latents`` not 3-D or ``timesteps`` not 1-D.
-    """
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 3:
-        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"`latents` must be (batch, image tokens, channels), got {shape}")
-    if not isinstance(timesteps, torch.Tensor) or timesteps.ndim != 1:
-        shape = tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
-        raise ValueError(f"`timesteps` must be the (steps,) schedule, got {shape}")
-    latents_clean = latents.float().clone()
-    train_timesteps = timesteps.to(latents.device).unsqueeze(0).expand(latents.shape[0], -1).clone()
-    return {"latents_clean": latents_clean, "train_timesteps": train_timesteps}
-
 
 @VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="diffusion_nft")
-class QwenImageDiffusionNFTPipeline(QwenImagePipelineWithLogProb):
+class QwenImageDiffusionNFTPipeline(QwenImageDiffusionNFTRolloutMixin, QwenImagePipelineWithLogProb):
     """Rollout pipeline for Qwen-Image with DiffusionNFT: the deterministic ODE, clean latents recorded.
 
-    :class:`QwenImagePipelineWithLogProb` (same components, prompt handling, CFG and decoding) run
-    with noise level 0 at every step and no log-probabilities; its steps go through
-    :class:`QwenImageDiffusionNFT` (the trainer's adapter). The output's ``rl`` holds
-    ``latents_clean`` and ``train_timesteps`` (see the module docstring). ``all_latents`` /
-    ``all_timesteps`` hold the last ODE transition only, ``(B, 2, S, C)`` / ``(B, 1)``, or the whole
-    ODE path ``(B, N + 1, S, C)`` / ``(B, N)`` with ``return_trajectory=True``.
+    :class:`QwenImagePipelineWithLogProb` (same components, prompt handling, CFG and decoding) with
+    :class:`~.rollout.QwenImageDiffusionNFTRolloutMixin`: noise level 0 at every step and no
+    log-probabilities; its steps go through :class:`~.diffusers_training_adapter.QwenImageDiffusionNFT`
+    (the trainer's adapter). The output's ``rl`` holds ``latents_clean`` and ``train_timesteps``
+    (see the module docstring). ``all_latents`` / ``all_timesteps`` hold the last ODE transition
+    only, ``(B, 2, S, C)`` / ``(B, 1)``, or the whole ODE path ``(B, N + 1, S, C)`` / ``(B, N)`` with
+    ``return_trajectory=True``. With vllm-omni installed, ``VllmOmniPipelineBase`` maps
+    ``("QwenImagePipeline", "diffusion_nft")`` to the vllm-omni twin, which runs the same mixin.
     """
-
-    training_adapter = QwenImageDiffusionNFT
-    algorithm = "diffusion_nft"
 
     def forward(self, *args: Any, return_trajectory: bool = False, **kwargs: Any) -> QwenImageRolloutOutput:
         """End-to-end deterministic generation; arguments as :meth:`QwenImagePipelineWithLogProb.forward`.
@@ -104,22 +72,9 @@ class QwenImageDiffusionNFTPipeline(QwenImagePipelineWithLogProb):
                 f"the DiffusionNFT rollout is a deterministic ODE (noise level 0, no log-probs); "
                 f"it takes no {sorted(set(refused))}"
             )
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        del arguments["self"]
-        steps = check_int("`num_inference_steps`", arguments["num_inference_steps"], 1)
-        window = (0, steps) if return_trajectory else (steps - 1, steps)
-        out = super().forward(
-            **{
-                **arguments,
-                "noise_level": 0.0,
-                "sde_type": "sde",
-                "sde_window_size": window[1] - window[0],
-                "sde_window_range": window,
-                "logprobs": False,
-            }
-        )
-        fields = {field.name: getattr(out, field.name) for field in dataclasses.fields(out)}
-        fields["rl"] = diffusion_nft_rl(out.all_latents[:, -1], self.scheduler.timesteps)
-        return QwenImageRolloutOutput(**fields)
+        self._nft_return_trajectory = return_trajectory
+        try:
+            out = super().forward(*args, **kwargs)
+        finally:
+            self._nft_return_trajectory = False
+        return dataclasses.replace(out, rl=self.diffusion_nft_rl(out.all_latents[:, -1]))

@@ -4,15 +4,20 @@
   ``("QwenImageEditPlusPipeline", "flow_grpo")``: Qwen-Image's FlowGRPO step functions plus the
   condition image (``condition_image_latents`` appended after the target tokens, condition-aware
   ``img_shapes``, the prediction sliced back to the target);
+- :mod:`.rollout`: :class:`QwenImageEditRolloutMixin`, the condition handling of the Qwen-Image
+  rollout loop (condition latents appended at every step, the trainer's own step functions), shared
+  by both rollout pipelines;
 - :mod:`.diffusers_rollout_pipeline`: :class:`QwenImageEditPlusPipelineWithLogProb` on diffusers,
   the Qwen-Image rollout loop with that adapter; it records the condition latents and ``img_shapes``
-  in ``metadata["rl"]`` for the trainer.
+  in ``metadata["rl"]`` for the trainer;
+- :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin (vllm-omni's Edit-Plus preprocessing and
+  encoding, then the same loop), imported only with vllm-omni installed.
 
 As for text-to-image, no text length is passed anywhere: the transformer takes the text RoPE length
 from ``encoder_hidden_states.shape[1]``.
 """
 
-from .diffusers_rollout_pipeline import ARCHITECTURE, QwenImageEditPlusPipelineWithLogProb
+from .diffusers_rollout_pipeline import QwenImageEditPlusPipelineWithLogProb
 from .diffusers_training_adapter import (
     CONDITION_LATENTS_KEY,
     IMG_SHAPES_KEY,
@@ -20,6 +25,7 @@ from .diffusers_training_adapter import (
     QwenImageEditPlusFlowGRPO,
     check_img_shapes,
 )
+from .rollout import ARCHITECTURE, QwenImageEditRolloutMixin
 
 __all__ = [
     "ARCHITECTURE",
@@ -28,5 +34,6 @@ __all__ = [
     "SP_SIZE_KEY",
     "QwenImageEditPlusFlowGRPO",
     "QwenImageEditPlusPipelineWithLogProb",
+    "QwenImageEditRolloutMixin",
     "check_img_shapes",
 ]

@@ -16,6 +16,7 @@ from diffusers.utils import BaseOutput
 from ..checks import check_int
 from ..config import DiffusionAlgoConfig, DiffusionModelConfig, DiffusionPipelineConfig
 from ..schedulers.flow_match_sde import check_generator
+from ..utils import adapter_model_inputs
 from ..rollout_output import PROMPT_EMBEDDING_KEYS, rollout_envelope
 from .common import (
     _check_rollout_scales,
@@ -331,7 +332,9 @@ class QwenImageRolloutMixin:
         ``noise_level`` may hold one level per sample (samples inside and outside their SDE window).
         """
         adapter = self.training_adapter
-        model_inputs, negative_model_inputs = adapter.prepare_model_inputs(
+        # The trainer's own input path (image-conditioned adapters get their condition injected).
+        model_inputs, negative_model_inputs = adapter_model_inputs(
+            adapter,
             self.transformer,
             model_config,
             latents,
