@@ -15,7 +15,6 @@ embeddings may be collated to any width wider than their valid tokens.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +23,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..model_base import DiffusionModelBase
 from ..qwen_image_flow_grpo.common import (
-    QWEN_IMAGE_SCHEDULER_CONFIG,
-    QWEN_IMAGE_VAE_SCALE_FACTOR,
     _module_dtype,
-    latent_grid,
-    set_qwen_image_timesteps,
+    load_qwen_image_scheduler,
+    set_pipeline_timesteps,
 )
 from ..qwen_image_flow_grpo.diffusers_training_adapter import QwenImage
 
@@ -66,10 +63,7 @@ class QwenImageDPO(DiffusionModelBase):
         timesteps from them (``scheduler.timesteps[u * num_train_timesteps]``) and noises with
         ``scheduler.scale_noise``. :meth:`set_timesteps` switches to the inference schedule.
         """
-        local_path = getattr(model_config, "local_path", None)
-        if local_path and os.path.isdir(os.path.join(local_path, "scheduler")):
-            return FlowMatchEulerDiscreteScheduler.from_pretrained(local_path, subfolder="scheduler")
-        return FlowMatchEulerDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG)
+        return load_qwen_image_scheduler(FlowMatchEulerDiscreteScheduler, getattr(model_config, "local_path", None))
 
     @classmethod
     def set_timesteps(
@@ -87,9 +81,7 @@ class QwenImageDPO(DiffusionModelBase):
             model_config: provides ``pipeline.height``, ``pipeline.width`` and ``pipeline.num_inference_steps``.
             device: where the timesteps and sigmas go.
         """
-        pipeline = model_config.pipeline
-        rows, cols = latent_grid(pipeline.height, pipeline.width, QWEN_IMAGE_VAE_SCALE_FACTOR)
-        set_qwen_image_timesteps(scheduler, pipeline.num_inference_steps, rows * cols, device)
+        set_pipeline_timesteps(scheduler, model_config.pipeline, device)
 
     @classmethod
     def prepare_model_inputs(

@@ -8,7 +8,8 @@ agree by construction. Nothing here takes or returns a text length.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from ..checks import check_image_size, check_int, check_noise_level, check_numbe
 from ..schedulers.flow_match_sde import SDE_TYPES, FlowMatchSDEDiscreteScheduler
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 QWEN_IMAGE_VAE_SCALE_FACTOR = 8
 """Pixels per latent pixel of Qwen-Image's VAE; latents are then packed in 2x2 patches."""
@@ -107,6 +110,21 @@ def set_qwen_image_timesteps(
     )
     scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
     return scheduler.timesteps
+
+
+def load_qwen_image_scheduler(scheduler_cls: type[T], local_path: str | None) -> T:
+    """``scheduler_cls`` from ``<local_path>/scheduler`` when that folder exists, else from Qwen-Image's
+    default config (:data:`QWEN_IMAGE_SCHEDULER_CONFIG`)."""
+    if local_path and os.path.isdir(os.path.join(local_path, "scheduler")):
+        return scheduler_cls.from_pretrained(local_path, subfolder="scheduler")
+    return scheduler_cls.from_config(QWEN_IMAGE_SCHEDULER_CONFIG)
+
+
+def set_pipeline_timesteps(scheduler: Any, pipeline: Any, device: str | torch.device | None) -> torch.Tensor:
+    """Qwen-Image's schedule for a pipeline config (``height``, ``width``, ``num_inference_steps``):
+    :func:`set_qwen_image_timesteps` with the image's packed latent size."""
+    rows, cols = latent_grid(pipeline.height, pipeline.width, QWEN_IMAGE_VAE_SCALE_FACTOR)
+    return set_qwen_image_timesteps(scheduler, pipeline.num_inference_steps, rows * cols, device)
 
 
 def apply_true_cfg(

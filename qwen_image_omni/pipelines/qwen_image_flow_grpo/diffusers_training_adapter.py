@@ -8,7 +8,6 @@ the text RoPE length from ``encoder_hidden_states.shape[1]``.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -20,7 +19,6 @@ from ..model_base import DiffusionModelBase
 from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
 from ..utils import default_device
 from .common import (
-    QWEN_IMAGE_SCHEDULER_CONFIG,
     QWEN_IMAGE_VAE_SCALE_FACTOR,
     _check_sde_type,
     _micro_batch_value,
@@ -28,8 +26,8 @@ from .common import (
     _select_step,
     apply_true_cfg,
     build_img_shapes,
-    latent_grid,
-    set_qwen_image_timesteps,
+    load_qwen_image_scheduler,
+    set_pipeline_timesteps,
 )
 
 __all__ = ["QwenImage"]
@@ -79,11 +77,7 @@ class QwenImage(DiffusionModelBase):
         Returns:
             FlowMatchSDEDiscreteScheduler: with timesteps and sigmas set on the default device.
         """
-        local_path = getattr(model_config, "local_path", None)
-        if local_path and os.path.isdir(os.path.join(local_path, "scheduler")):
-            scheduler = FlowMatchSDEDiscreteScheduler.from_pretrained(local_path, subfolder="scheduler")
-        else:
-            scheduler = FlowMatchSDEDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG)
+        scheduler = load_qwen_image_scheduler(FlowMatchSDEDiscreteScheduler, getattr(model_config, "local_path", None))
         cls.set_timesteps(scheduler, model_config, default_device())
         return scheduler
 
@@ -98,9 +92,7 @@ class QwenImage(DiffusionModelBase):
             model_config: provides ``pipeline.height``, ``pipeline.width`` and ``pipeline.num_inference_steps``.
             device: where the timesteps and sigmas go.
         """
-        pipeline = model_config.pipeline
-        rows, cols = latent_grid(pipeline.height, pipeline.width, QWEN_IMAGE_VAE_SCALE_FACTOR)
-        set_qwen_image_timesteps(scheduler, pipeline.num_inference_steps, rows * cols, device)
+        set_pipeline_timesteps(scheduler, model_config.pipeline, device)
 
     @classmethod
     def prepare_model_inputs(
