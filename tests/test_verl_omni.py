@@ -344,7 +344,9 @@ def test_our_rollout_equals_verl_omni_own_rollout_on_its_token_id_requests(rollo
         return requests
 
     verl_pipeline = DiffusersPipelineLoader(LoadConfig(), od_config).load_model(
-        "cpu", load_format="custom_pipeline", custom_pipeline_name=f"{VERL_ROLLOUT.__module__}.{VERL_ROLLOUT.__qualname__}"
+        "cpu",
+        load_format="custom_pipeline",
+        custom_pipeline_name=f"{VERL_ROLLOUT.__module__}.{VERL_ROLLOUT.__qualname__}",
     )
     with torch.no_grad():
         ours = rollout_pipeline.forward(batch())
@@ -357,3 +359,41 @@ def test_our_rollout_equals_verl_omni_own_rollout_on_its_token_id_requests(rollo
         for key in ("prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"):
             torch.testing.assert_close(mine_embeddings[key], their_embeddings[key], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(envelope_media(mine.output), envelope_media(their.output), rtol=1e-5, atol=1e-5)
+
+
+def test_our_nft_rollout_equals_verl_omni_own_nft_rollout_on_a_token_id_request(od_config):  # noqa: F811
+    """DiffusionNFT's ODE rollout: one verl-omni token-id request with CFG; clean latents, train
+    timesteps and prompt embeddings equal verl-omni's own NFT rollout (its loop on vllm-omni's transformer)."""
+    from verl_omni.pipelines.qwen_image_diffusion_nft import vllm_omni_rollout_adapter as verl_nft
+
+    loader = DiffusersPipelineLoader(LoadConfig(), od_config)
+    ours = loader.load_model(
+        "cpu",
+        load_format="custom_pipeline",
+        custom_pipeline_name=VerlPipelineBase.get_pipeline_path("QwenImagePipeline", "diffusion_nft"),
+    )
+    theirs_cls = verl_nft.QwenImageDiffusionNFTPipeline
+    theirs = loader.load_model(
+        "cpu", load_format="custom_pipeline", custom_pipeline_name=f"{theirs_cls.__module__}.{theirs_cls.__qualname__}"
+    )
+    prompts = token_id_prompts((40,), (36,), seed=11)
+    latents = torch.randn(1, IMAGE_TOKENS, 16, generator=torch.Generator().manual_seed(6))
+
+    def batch():
+        # verl-omni's NFT forward reads no request latents: both draw the noise from the request's generator.
+        requests = request_batch(prompts, latents, true_cfg_scale=4.0, extra_args={})
+        for request in requests.requests:
+            request.sampling_params.latents = None
+            request.sampling_params.generator = torch.Generator().manual_seed(21)
+        return requests
+
+    with torch.no_grad():
+        mine = ours.forward(batch())[0]
+        their = theirs.forward(batch())
+    mine_rl, their_rl = mine.output["metadata"]["rl"], their.output["metadata"]["rl"]
+    for key in ("prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"):
+        torch.testing.assert_close(
+            mine.output["metadata"]["prompt_embeddings"][key], their.output["metadata"]["prompt_embeddings"][key]
+        )
+    torch.testing.assert_close(mine_rl["train_timesteps"].float(), their_rl["train_timesteps"].float())
+    torch.testing.assert_close(mine_rl["latents_clean"], their_rl["latents_clean"], rtol=1e-5, atol=1e-5)
