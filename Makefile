@@ -6,19 +6,43 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# test-vllm-omni runs in its own venv: vllm-omni pins vllm, diffusers and transformers.
+# The vllm-omni tiers run in venvs of their own: vllm-omni pins vllm, diffusers and transformers.
+# PyPI's torch 2.13.0 and torchvision 0.28.0 come first, asked for as `torch===2.13.0` (string
+# equality), so the local 2.13.0+cpu wheel is never taken: vllm-omni's full engine needs torchvision
+# (transformers' Qwen2-VL processor imports it), and PyPI's torchvision loads only beside PyPI's torch
+# (a CUDA build, which runs fine without a GPU; about 9 GB in a venv).
+# test-vllm-omni: vllm 0.30.0 + vllm-omni 0.30.0 (the newest final release; pyproject's extra), every tier.
 VLLM_OMNI_VENV ?= .venv-vllm-omni
 VLLM_OMNI_PY := $(VLLM_OMNI_VENV)/bin/python
 VLLM_OMNI_STAMP := $(VLLM_OMNI_VENV)/.installed
 
-# test-verl-omni: vllm-omni's venv recipe plus verl 0.9.1 and tensordict (verl pins its own transformers),
-# with the verl-omni source snapshot on PYTHONPATH (verl-omni is not on the package registry).
+# test-vllm-omni-newest: vllm 0.32.0 + vllm-omni 0.32.0rc1 (the newest on the registry, a pre-release),
+# the plugin's component tier.
+VLLM_OMNI_NEWEST_VENV ?= .venv-vllm-omni-newest
+VLLM_OMNI_NEWEST_PY := $(VLLM_OMNI_NEWEST_VENV)/bin/python
+VLLM_OMNI_NEWEST_STAMP := $(VLLM_OMNI_NEWEST_VENV)/.installed
+
+# test-verl-omni: verl-omni main's own pinned environment: vllm 0.27.0 + vllm-omni 0.27.0rc1 (which pins
+# diffusers 0.38.0), verl at the commit verl-omni pins (VERL_SRC, a source snapshot) and verl-omni's own
+# dependencies, with the verl-omni source (VERL_OMNI_SRC) on PYTHONPATH; neither is on the registry.
 VERL_OMNI_VENV ?= .venv-verl-omni
 VERL_OMNI_PY := $(VERL_OMNI_VENV)/bin/python
 VERL_OMNI_STAMP := $(VERL_OMNI_VENV)/.installed
 VERL_OMNI_SRC ?= $(wildcard ../shared/verl-omni)
+VERL_SRC ?= $(wildcard ../shared/verl)
 
-.PHONY: demo test test-vllm-omni test-verl-omni bench gpu-check clean
+# The plugin's component tier: every vllm-omni test but the full-engine ones and verl-omni's, on vllm's
+# CPU platform (vllm 0.27 picks it only when asked).
+VLLM_OMNI_COMPONENTS = VLLM_TARGET_DEVICE=cpu $(1) -m pytest -q -m "vllm_omni and not vllm_omni_engine and not verl_omni"
+
+# A venv with PyPI's torch and torchvision, then $(2): the vllm and vllm-omni pins.
+define vllm_omni_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q "torch===2.13.0" "torchvision===0.28.0"
+	$(1)/bin/python -m pip install -q $(2)
+endef
+
+.PHONY: demo test test-vllm-omni test-vllm-omni-newest test-verl-omni bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,39 +56,45 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# vllm==0.30.0 + vllm-omni==0.30.0 (the extra) on PyPI's build of torch 2.13.0 and torchvision 0.28.0.
-# vllm-omni's full engine needs torchvision (transformers' Qwen2-VL processor imports it), and PyPI's
-# torchvision loads only beside PyPI's torch (a CUDA build, which runs fine without a GPU; about
-# 9 GB in the venv). `torch===2.13.0` (string equality) asks for that build by name, so a local
-# 2.13.0+cpu wheel on pip's find-links is not taken instead.
 $(VLLM_OMNI_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
-	test -x $(VLLM_OMNI_PY) || $(PYTHON) -m venv $(VLLM_OMNI_VENV)
-	$(VLLM_OMNI_PY) -m pip install -q "torch===2.13.0" "torchvision===0.28.0"
-	$(VLLM_OMNI_PY) -m pip install -q -e ".[test,vllm-omni]"
-	$(VLLM_OMNI_PY) -m pip install -q -e tests/support/cpu_platform
+	$(call vllm_omni_venv,$(VLLM_OMNI_VENV),"vllm==0.30.0" "vllm-omni==0.30.0")
+	$(VLLM_OMNI_PY) -m pip install -q -e ".[test,vllm-omni]" -e tests/support/cpu_platform
 	touch $(VLLM_OMNI_STAMP)
 
 test-vllm-omni: $(VLLM_OMNI_STAMP)
 	$(VLLM_OMNI_PY) -m pytest -q -m vllm_omni
 
+$(VLLM_OMNI_NEWEST_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
+	$(call vllm_omni_venv,$(VLLM_OMNI_NEWEST_VENV),"vllm==0.32.0" "vllm-omni==0.32.0rc1")
+	$(VLLM_OMNI_NEWEST_PY) -m pip install -q -e ".[test]" -e tests/support/cpu_platform
+	touch $(VLLM_OMNI_NEWEST_STAMP)
+
+test-vllm-omni-newest: $(VLLM_OMNI_NEWEST_STAMP)
+	$(call VLLM_OMNI_COMPONENTS,$(VLLM_OMNI_NEWEST_PY))
+
+# verl is copied out of its snapshot first (pip builds inside the source folder). verl-omni's own
+# dependencies come from its pyproject (its `vllm-omni` extra too), after vllm-omni, as verl-omni's
+# install docs order them: they take transformers back to 5.14.1 and accelerate up to 1.14 (verl-omni's
+# uv override), over vllm-omni 0.27.0rc1's accelerate==1.12.0 pin, so pip warns about that one.
 $(VERL_OMNI_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
-	test -x $(VERL_OMNI_PY) || $(PYTHON) -m venv $(VERL_OMNI_VENV)
-	$(VERL_OMNI_PY) -m pip install -q "torch===2.13.0" "torchvision===0.28.0"
-	$(VERL_OMNI_PY) -m pip install -q -e ".[test,vllm-omni]"
-	$(VERL_OMNI_PY) -m pip install -q -e tests/support/cpu_platform
-	# Last, on their own, as pip finds no single resolution of all the pins: verl 0.9.1 (it asks for
-	# transformers<5.11, which breaks vllm-omni 0.30's imports; vllm-omni's 5.14.1 goes back on and
-	# verl runs with it) and what verl-omni main imports besides (its pyproject: TransferQueue, peft).
-	$(VERL_OMNI_PY) -m pip install -q "verl==0.9.1" tensordict "TransferQueue==0.1.8" peft
-	$(VERL_OMNI_PY) -m pip install -q "transformers==5.14.1" "accelerate==1.12.0"
+	$(call vllm_omni_venv,$(VERL_OMNI_VENV),"vllm==0.27.0" "vllm-omni==0.27.0rc1")
+	rm -rf $(VERL_OMNI_VENV)/src && mkdir -p $(VERL_OMNI_VENV)/src && cp -r $(VERL_SRC) $(VERL_OMNI_VENV)/src/verl
+	$(VERL_OMNI_PY) -c "import sys, tomllib; p = tomllib.load(open(sys.argv[1], 'rb'))['project']; \
+		print('\n'.join(p['dependencies'] + p['optional-dependencies']['vllm-omni']))" \
+		$(VERL_OMNI_SRC)/pyproject.toml > $(VERL_OMNI_VENV)/verl-omni-requirements.txt
+	$(VERL_OMNI_PY) -m pip install -q $(VERL_OMNI_VENV)/src/verl -r $(VERL_OMNI_VENV)/verl-omni-requirements.txt
+	$(VERL_OMNI_PY) -m pip install -q -e ".[test]" -e tests/support/cpu_platform
 	touch $(VERL_OMNI_STAMP)
 
-# Skips (exit 0, one line saying why) when no verl-omni source is found: set VERL_OMNI_SRC to a checkout.
+# Skips (exit 0, one line saying why) without the verl and verl-omni sources: set VERL_SRC and
+# VERL_OMNI_SRC (defaults ../shared/verl and ../shared/verl-omni). Runs the plugin's component tier on
+# vllm-omni 0.27.0rc1, then the verl-omni tier, whose whole training runs take about 15 minutes.
 test-verl-omni:
-	@if [ -z "$(VERL_OMNI_SRC)" ] || [ ! -d "$(VERL_OMNI_SRC)/verl_omni" ]; then \
-		echo "test-verl-omni: SKIPPED: no verl-omni source (set VERL_OMNI_SRC=<a verl-omni checkout>; default ../shared/verl-omni)"; \
+	@if [ ! -d "$(VERL_OMNI_SRC)/verl_omni" ] || [ ! -d "$(VERL_SRC)/verl" ]; then \
+		echo "test-verl-omni: SKIPPED: no verl or verl-omni source (set VERL_SRC and VERL_OMNI_SRC; defaults ../shared/verl, ../shared/verl-omni)"; \
 	else \
 		$(MAKE) $(VERL_OMNI_STAMP) && \
+		$(call VLLM_OMNI_COMPONENTS,$(VERL_OMNI_PY)) && \
 		VLLM_TARGET_DEVICE=cpu PYTHONPATH="$(abspath $(VERL_OMNI_SRC))" $(VERL_OMNI_PY) -m pytest -q -m verl_omni; \
 	fi
 
@@ -81,4 +111,4 @@ gpu-check: $(if $(filter command line,$(origin PY)),,$(STAMP))
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_OMNI_VENV) $(VERL_OMNI_VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_OMNI_VENV) $(VLLM_OMNI_NEWEST_VENV) $(VERL_OMNI_VENV) build *.egg-info

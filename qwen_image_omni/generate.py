@@ -37,8 +37,8 @@ DEFAULT_TRUE_CFG_SCALE = 4.0
 # diffusers' AutoencoderKLQwenImage default: 3 temporal stages, 8x spatial downsampling.
 DEFAULT_VAE_STAGES = 3
 PATCH_SIZE = 2
-# diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (torch_dtype still works, with a FutureWarning).
-DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+# diffusers 0.40 renamed from_pretrained's torch_dtype to dtype (torch_dtype still works, with a FutureWarning).
+DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 # What transformers' from_pretrained reads for the text encoder: one of them must be there.
 TRANSFORMERS_WEIGHTS = (
     "model.safetensors",

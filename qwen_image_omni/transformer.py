@@ -19,6 +19,7 @@ import numbers
 import warnings
 from typing import Any, NamedTuple
 
+import diffusers
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -34,6 +35,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, RMSNorm
 from diffusers.utils import apply_lora_scale
 from diffusers.utils.torch_utils import maybe_allow_in_graph
+from packaging.version import Version
 
 from .kernels import joint_qk_norm_rope
 from .rope import QwenEmbedRope, normalize_img_shapes
@@ -41,6 +43,11 @@ from .rope import QwenEmbedRope, normalize_img_shapes
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # diffusers' layerwise casting stores weights in one dtype and computes in another (its hook's name).
 _LAYERWISE_CASTING_HOOK = "layerwise_casting"
+
+# diffusers 0.39 moved the joint [text, image] mask into QwenDoubleStreamAttnProcessor2_0 (built from
+# encoder_hidden_states_mask) and taught Ulysses attention to all-gather a rank-local mask. Before, the model
+# passed the whole joint mask as `attention_mask` and Ulysses used a mask as it came.
+_DIFFUSERS_MASK_IN_PROCESSOR = Version(diffusers.__version__).release >= (0, 39)
 
 _TXT_SEQ_LENS_WARNED = False
 
@@ -85,6 +92,29 @@ def _ring_degree(parallel_config) -> int:
     """The ring degree of a diffusers ``ParallelConfig`` (1 without context parallelism)."""
     cp_config = getattr(parallel_config, "context_parallel_config", None)
     return 1 if cp_config is None else cp_config.ring_degree
+
+
+def _ulysses_degree(parallel_config) -> int:
+    """The Ulysses degree of a diffusers ``ParallelConfig`` (1 without context parallelism)."""
+    cp_config = getattr(parallel_config, "context_parallel_config", None)
+    return 1 if cp_config is None else cp_config.ulysses_degree
+
+
+def _gather_mask_over_ulysses(mask: torch.Tensor, parallel_config) -> torch.Tensor:
+    """All-gather this rank's ``[B, 1, 1, S_local]`` mask along the sequence over the Ulysses group, in rank order.
+
+    That is the key order of Ulysses attention after its all-to-all. The local lengths may differ
+    (``ulysses_anything``): each part is padded to the longest for the gather and cut back after.
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    group = parallel_config.context_parallel_config._ulysses_mesh.get_group()
+    local = torch.tensor([mask.shape[-1]], device=mask.device)
+    sizes = funcol.wait_tensor(funcol.all_gather_tensor(local, gather_dim=0, group=group)).tolist()
+    padded = torch.cat([mask, mask.new_zeros((*mask.shape[:-1], max(sizes) - mask.shape[-1]))], dim=-1)
+    gathered = funcol.wait_tensor(funcol.all_gather_tensor(padded.contiguous(), gather_dim=mask.ndim - 1, group=group))
+    parts = gathered.split(max(sizes), dim=-1)
+    return torch.cat([part[..., :size] for part, size in zip(parts, sizes)], dim=-1)
 
 
 def _gather_kv_and_mask(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, parallel_config) -> tuple:
@@ -196,8 +226,7 @@ class QwenDoubleStreamAttnProcessor:
         """
         attention_mask = None
         if text_mask is not None:
-            image_mask = text_mask.new_ones((joint_query.shape[0], joint_query.shape[1] - seq_txt))
-            attention_mask = torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]
+            attention_mask = _joint_attention_mask(text_mask, joint_query.shape[1] - seq_txt)
 
         parallel_config = self._parallel_config
         if attention_mask is not None and _ring_degree(parallel_config) > 1:
@@ -207,6 +236,9 @@ class QwenDoubleStreamAttnProcessor:
                 joint_key, joint_value, attention_mask, parallel_config
             )
             parallel_config = None
+        elif attention_mask is not None and _ulysses_degree(parallel_config) > 1 and not _DIFFUSERS_MASK_IN_PROCESSOR:
+            # diffusers < 0.39's Ulysses attention does not gather a rank-local mask (a shape error): gather it.
+            attention_mask = _gather_mask_over_ulysses(attention_mask, parallel_config)
         return dispatch_attention_fn(
             joint_query,
             joint_key,
@@ -217,6 +249,12 @@ class QwenDoubleStreamAttnProcessor:
             backend=self._attention_backend,
             parallel_config=parallel_config,
         )
+
+
+def _joint_attention_mask(text_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    """The ``[B, 1, 1, text + image]`` keep-mask of joint attention from the ``[B, text]`` text mask."""
+    image_mask = text_mask.new_ones((text_mask.shape[0], image_tokens))
+    return torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]
 
 
 def _modulate(
@@ -301,12 +339,23 @@ class QwenImageTransformerBlock(nn.Module):
 
         img_modulated, img_gate1 = _modulate(self.img_norm1(hidden_states), img_mod1, modulate_index)
         txt_modulated, txt_gate1 = _modulate(self.txt_norm1(encoder_hidden_states), txt_mod1)
+        joint_attention_kwargs = joint_attention_kwargs or {}
+        if (
+            encoder_hidden_states_mask is not None
+            and not _DIFFUSERS_MASK_IN_PROCESSOR
+            and not isinstance(self.attn.processor, QwenDoubleStreamAttnProcessor)
+        ):
+            # A processor of diffusers < 0.39 ignores encoder_hidden_states_mask: give it the joint mask as
+            # `attention_mask`, as that version's model does.
+            joint_mask = _joint_attention_mask(encoder_hidden_states_mask, hidden_states.shape[1])
+            joint_attention_kwargs = {**joint_attention_kwargs, "attention_mask": joint_mask}
+            encoder_hidden_states_mask = None
         img_attn_output, txt_attn_output = self.attn(
             hidden_states=img_modulated,
             encoder_hidden_states=txt_modulated,
             encoder_hidden_states_mask=encoder_hidden_states_mask,
             image_rotary_emb=image_rotary_emb,
-            **(joint_attention_kwargs or {}),
+            **joint_attention_kwargs,
         )
         hidden_states = hidden_states + img_gate1 * img_attn_output
         encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output

@@ -141,6 +141,16 @@ def test_check_vllm_omni_without_vllm_omni_says_so_and_passes(capsys, monkeypatc
     assert capsys.readouterr().out.startswith("vllm-omni: not installed")
 
 
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [("0.27.0rc1", True), ("0.30.0", True), ("0.32.0rc1", True), ("0.26.0", False), ("0.32.0", False)],
+)
+def test_check_vllm_omni_says_whether_the_version_is_in_the_tested_range(version, supported):
+    from qwen_image_omni.integrations.vllm_omni_check import support_note
+
+    assert support_note(version).startswith("supported" if supported else "untested")
+
+
 def test_check_default_passes_and_shows_legacy_failures(capsys):
     assert cli.main(["check", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

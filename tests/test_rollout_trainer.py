@@ -135,8 +135,9 @@ def test_legacy_native_rule_raises_on_padded_prompts(pipe, rows):
 
 
 def test_rollout_steps_go_through_the_trainer_functions(pipe, rows, monkeypatch):
-    """One implementation, two callers: diffuse() calls QwenImage's step functions at every step."""
-    calls = {"prepare_model_inputs": [], "sample_previous_step": []}
+    """One implementation, two callers: diffuse() calls QwenImage's step functions at every step
+    (``sample_previous_step``'s two halves, the prediction and the scheduler step on it)."""
+    calls = {"prepare_model_inputs": [], "predict_noise": [], "step_from_prediction": []}
     for name in calls:
         original = getattr(QwenImage, name).__func__
 
@@ -148,7 +149,8 @@ def test_rollout_steps_go_through_the_trainer_functions(pipe, rows, monkeypatch)
         monkeypatch.setattr(QwenImage, name, classmethod(spy))
     prompt, negative = _pair(rows, ROLLOUT_WIDTH, "right", 4.0)
     run_diffuse(pipe, prompt, negative, "sde", 4.0)
-    assert len(calls["prepare_model_inputs"]) == len(calls["sample_previous_step"]) == STEPS
+    assert len(calls["prepare_model_inputs"]) == len(calls["predict_noise"]) == STEPS
+    assert len(calls["step_from_prediction"]) == STEPS
     for model_inputs, negative_inputs in calls["prepare_model_inputs"]:
         for inputs in (model_inputs, negative_inputs):
             assert set(inputs) == {

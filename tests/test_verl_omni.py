@@ -1,7 +1,7 @@
 """qwen-image-omni inside verl-omni main (run by ``make test-verl-omni``).
 
-verl-omni is the snapshot in ``../shared/verl-omni`` (``VERL_OMNI_SRC``) on ``PYTHONPATH``, with
-verl 0.9.1, tensordict and vllm-omni. Everything here goes through verl-omni's own code: its
+verl-omni is the snapshot in ``../shared/verl-omni`` (``VERL_OMNI_SRC``) on ``PYTHONPATH``, in its own
+pinned environment (verl at its commit, vllm-omni 0.27.0rc1). Everything here goes through verl-omni's own code: its
 registries and ``external_lib`` import, its ``verl_omni.pipelines.utils`` dispatchers, its FSDP
 engine's ``build_module`` path, its rollout server's reading of rollout outputs. References are
 verl-omni's own Qwen-Image adapters and rollout, on the same weights and inputs.

@@ -36,20 +36,15 @@ TOL = 1e-6
 VERL_OMNI_ADAPTER = "verl_omni.pipelines.qwen_image_dpo.diffusers_training_adapter"
 
 
-def _import_verl_omni(module_name: str) -> types.ModuleType:
-    """Import a verl-omni module (``tests/conftest.py`` gives verl 0.9.1 the one module verl-omni main needs)."""
-    return importlib.import_module(module_name)
-
-
 @pytest.fixture(scope="module")
 def verl_omni_dpo():
     """verl-omni main's ``QwenImageDPO`` class."""
-    return _import_verl_omni(VERL_OMNI_ADAPTER).QwenImageDPO
+    return importlib.import_module(VERL_OMNI_ADAPTER).QwenImageDPO
 
 
 def verl_omni_config(local_path=None, true_cfg_scale: float = 1.0, guidance_scale: float = 1.0):
     """verl-omni's own ``DiffusionModelConfig`` with the fields its adapter reads (built as its CPU test does)."""
-    _import_verl_omni(VERL_OMNI_ADAPTER)
+    importlib.import_module(VERL_OMNI_ADAPTER)
     from verl_omni.workers.config.diffusion.model import DiffusionModelConfig as VerlOmniModelConfig
     from verl_omni.workers.config.diffusion.rollout import DiffusionPipelineConfig as VerlOmniPipelineConfig
 
@@ -218,8 +213,8 @@ def test_prediction_matches_verl_omni(verl_omni_dpo, models, batch, true_cfg_sca
 def test_dpo_loss_matches_verl_omni(verl_omni_dpo, models, batch):
     """Our loss on our predictions equals verl-omni's ``DPOLoss.compute_loss`` on theirs."""
     try:
-        algos = _import_verl_omni("verl_omni.trainer.diffusion.diffusion_algos")
-        actor = _import_verl_omni("verl_omni.workers.config")
+        algos = importlib.import_module("verl_omni.trainer.diffusion.diffusion_algos")
+        actor = importlib.import_module("verl_omni.workers.config")
     except ImportError as error:
         pytest.skip(f"verl-omni's trainer cannot be imported in this venv: {error}")
     ours, reference = models

@@ -30,7 +30,6 @@ from vllm_omni.diffusion.forward_context import set_forward_context  # noqa: E40
 from vllm_omni.diffusion.model_loader.diffusers_loader import DiffusersPipelineLoader  # noqa: E402
 from vllm_omni.diffusion.models.qwen_image.cfg_parallel import QwenImageCFGParallelMixin  # noqa: E402
 from vllm_omni.diffusion.request import OmniDiffusionRequest  # noqa: E402
-from vllm_omni.diffusion.vllm_config import create_diffusion_vllm_config  # noqa: E402
 from vllm_omni.diffusion.worker.input_batch import InputBatch  # noqa: E402
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch  # noqa: E402
 from vllm_omni.diffusion.worker.utils import StepRequestState  # noqa: E402
@@ -48,6 +47,7 @@ from qwen_image_omni.pipelines.qwen_image_mix_grpo import QwenImageMixGRPO  # no
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 
 from .tiny_checkpoint import TEXT_DIM  # noqa: E402
+from .support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
 from .vllm_omni_engine import one_rank_vllm_world  # noqa: E402
 
 ARCHITECTURES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageLayeredPipeline")
@@ -65,7 +65,7 @@ def od_config(checkpoint) -> Iterator[OmniDiffusionConfig]:
     load_omni_general_plugins()
     config = OmniDiffusionConfig(model=str(checkpoint), dtype=torch.float32)
     config.enrich_config()
-    vllm_config = create_diffusion_vllm_config(torch.device("cpu"), config)
+    vllm_config = diffusion_worker_vllm_config(torch.device("cpu"), config)
     with (
         one_rank_vllm_world(),
         set_forward_context(vllm_config=vllm_config, omni_diffusion_config=config),

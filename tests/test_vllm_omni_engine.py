@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.vllm_omni, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm_omni, pytest.mark.vllm_omni_engine, pytest.mark.slow]
 pytest.importorskip("vllm_omni", reason="needs vllm-omni (make test-vllm-omni)")
 
 from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline  # noqa: E402

@@ -50,15 +50,29 @@ def test_each_feature_ours_lacks_is_detected_from_the_engine_options(feature):
     assert features_handed_to_vllm_omni(SimpleNamespace(**options)) == [feature]
 
 
-def test_pipeline_hands_the_engine_to_vllm_omni_own_pipeline_and_logs_why(od_config, monkeypatch):  # noqa: F811
-    # vllm-omni's transformer picks an attention backend from the platform, which raises on this
-    # test process's UnspecifiedOmniPlatform: give it the SDPA backend.
+@pytest.fixture
+def sdpa_from_the_platform(monkeypatch):
+    """Inside: the platform answers vllm-omni's SDPA backend, and vllm-omni's backend cache is empty.
+
+    vllm-omni's transformer picks an attention backend from the platform, which raises on an
+    ``UnspecifiedOmniPlatform``. vllm-omni caches the answer per process, so the cache is cleared on
+    the way out too: later tests get what their own platform answers.
+    """
+    from vllm_omni.diffusion.attention.selector import _cached_get_backend_cls
     from vllm_omni.platforms import current_omni_platform
 
     sdpa = "vllm_omni.diffusion.attention.backends.sdpa.SDPABackend"
     monkeypatch.setattr(
         type(current_omni_platform), "get_diffusion_attn_backend_cls", classmethod(lambda *_, **__: sdpa)
     )
+    _cached_get_backend_cls.cache_clear()
+    yield
+    _cached_get_backend_cls.cache_clear()
+
+
+def test_pipeline_hands_the_engine_to_vllm_omni_own_pipeline_and_logs_why(
+    od_config, sdpa_from_the_platform, monkeypatch  # noqa: F811
+):
     recorder = Recorder()
     monkeypatch.setattr(integration, "logger", recorder)
     monkeypatch.setattr(integration, "features_handed_to_vllm_omni", lambda config: [LACKING])

@@ -253,6 +253,7 @@ def own(checkpoint, adapters, tmp_path_factory) -> dict:
     return run_engine_job(tmp_path_factory.mktemp("own"), job, plugin=False)
 
 
+@pytest.mark.vllm_omni_engine
 @needs_engine
 def test_static_lora_engine_starts_on_our_transformer_with_the_adapter_loaded(ours, own, adapters):
     assert ours["steps"][0]["rpc"][0][0]["transformer"] == "qwen_image_omni.transformer.QwenImageTransformer2DModel"
@@ -269,6 +270,7 @@ def test_static_lora_engine_starts_on_our_transformer_with_the_adapter_loaded(ou
     assert own_state["registered"] == [static_id] and own_state["suspended"] == static_id
 
 
+@pytest.mark.vllm_omni_engine
 @needs_engine
 def test_no_lora_request_gives_diffusers_base_image_and_vllm_omni_own(ours, own, checkpoint):
     base = diffusers_images(checkpoint)
@@ -277,6 +279,7 @@ def test_no_lora_request_gives_diffusers_base_image_and_vllm_omni_own(ours, own,
     np.testing.assert_array_equal(ours["images"][5], base)  # after a LoRA request
 
 
+@pytest.mark.vllm_omni_engine
 @needs_engine
 def test_per_request_lora_changes_the_image_and_equals_vllm_omni_own_transformer(ours, own):
     with_lora, base = ours["images"][4].astype(int), ours["images"][3].astype(int)
@@ -288,6 +291,7 @@ def test_per_request_lora_changes_the_image_and_equals_vllm_omni_own_transformer
     np.testing.assert_array_equal(ours["images"][2], own["images"][2])
 
 
+@pytest.mark.vllm_omni_engine
 @needs_engine
 def test_switching_adapters_between_requests(ours):
     shared, diffusers, base = ours["images"][4], ours["images"][6], ours["images"][3]
@@ -298,6 +302,7 @@ def test_switching_adapters_between_requests(ours):
     assert not np.array_equal(half, diffusers) and not np.array_equal(half, base)  # scale 0.5 differs from both
 
 
+@pytest.mark.vllm_omni_engine
 @needs_engine
 def test_adapter_rewritten_on_disk_applies_under_a_new_lora_int_id(ours, adapters):
     np.testing.assert_array_equal(ours["images"][8], ours["images"][4])  # live held the shared adapter
@@ -309,6 +314,7 @@ def test_adapter_rewritten_on_disk_applies_under_a_new_lora_int_id(ours, adapter
     assert "transformer.transformer_blocks.0.attn.to_out.0" in state["wrapped"]
 
 
+@pytest.mark.vllm_omni_engine
 @needs_engine
 def test_per_request_lora_equals_diffusers_peft_with_the_same_adapter(ours, checkpoint, adapters):
     """The diffusers-keyed adapter (to_out.0, MLPs, modulation) against diffusers' own PEFT LoRA, bitwise."""
@@ -317,6 +323,7 @@ def test_per_request_lora_equals_diffusers_peft_with_the_same_adapter(ours, chec
     np.testing.assert_array_equal(ours["images"][11], diffusers_images(checkpoint, adapter=adapter, scale=0.5))
 
 
+@pytest.mark.vllm_omni_engine
 @needs_engine
 def test_weight_sync_after_lora_wrapping_loads_diffusers_names(ours, checkpoint, adapters, updated_weights):
     """RL weight sync into a running engine whose linears are LoRA-wrapped (``to_q.base_layer.weight``)."""

@@ -62,6 +62,7 @@ def reference(checkpoint3, tmp_path_factory):
     return result["images"][1]
 
 
+@pytest.mark.vllm_omni_engine
 def test_layerwise_offload_streams_our_blocks_and_keeps_the_images(checkpoint3, reference, tmp_path):
     # The CPU platform cannot pin memory (pinning needs a CUDA driver); on a GPU leave it on.
     engine = {"enable_layerwise_offload": True, "pin_cpu_memory": False}
@@ -74,6 +75,7 @@ def test_layerwise_offload_streams_our_blocks_and_keeps_the_images(checkpoint3, 
     np.testing.assert_array_equal(result["images"][1], reference)
 
 
+@pytest.mark.vllm_omni_engine
 def test_hsdp_shards_our_blocks_and_keeps_the_images(checkpoint3, reference, tmp_path):
     # Two CPU ranks (gloo), each holding half of every parameter; FSDP2 all-gathers a block's
     # parameters before it runs. step_execution: see the Ulysses test below (vllm-omni's multi-rank
@@ -121,6 +123,7 @@ def test_layerwise_offload_finds_our_blocks():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.vllm_omni_engine
 def test_attention_through_vllm_omni_keeps_the_images(checkpoint3, reference, tmp_path):
     # The engine names its attention backend (the CPU platform runs TORCH_SDPA only); with our
     # transformer it is vllm-omni's Attention layer that runs it, and the images stay the same.
@@ -188,6 +191,7 @@ def test_routed_transformer_equals_diffusers_attention_and_keeps_its_keys():
     assert "ROUTING-OK" in process.stdout, process.stdout[-3000:] + process.stderr[-3000:]
 
 
+@pytest.mark.vllm_omni_engine
 def test_ulysses_sequence_parallel_over_two_ranks_keeps_the_images(checkpoint3, reference, tmp_path):
     # Two CPU ranks (gloo). step_execution: otherwise a multi-rank worker's async output thread opens
     # a CUDA stream and dies without a driver (a limit of vllm-omni on the CPU, not of our transformer).
@@ -201,6 +205,7 @@ def test_ulysses_sequence_parallel_over_two_ranks_keeps_the_images(checkpoint3, 
     np.testing.assert_array_equal(result["images"][1], reference)
 
 
+@pytest.mark.vllm_omni_engine
 def test_ulysses_with_auto_padding_equals_vllm_omni_own_transformer(checkpoint3, tmp_path):
     # 48x80 pixels: 15 image tokens, odd, so vllm-omni's SP hooks pad one token onto the last rank
     # (left unmasked, its default mask_sp_padding=False). Ours must do what vllm-omni's own does.

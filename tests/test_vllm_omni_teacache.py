@@ -252,6 +252,7 @@ def diffusers_images(checkpoint, thresh: float | None) -> tuple[np.ndarray, int]
     return np.stack(images), len(runs)
 
 
+@pytest.mark.vllm_omni_engine
 @engine
 def test_tea_cache_engine_serves_our_transformer(tea_ours):
     assert tea_ours["steps"][0]["rpc"] == [[OURS]]
@@ -260,17 +261,20 @@ def test_tea_cache_engine_serves_our_transformer(tea_ours):
     assert tea_ours["images"][2].shape == (1, 64, 64, 3)
 
 
+@pytest.mark.vllm_omni_engine
 @engine
 def test_tea_cache_engine_without_plugin_serves_vllm_omni_own(tea_own):
     assert tea_own["steps"][0]["rpc"] == [[VLLM_OMNI_OWN]]
 
 
+@pytest.mark.vllm_omni_engine
 @engine
 def test_tea_cache_images_equal_vllm_omni_own_transformer(tea_ours, tea_own):
     np.testing.assert_array_equal(tea_ours["images"][1], tea_own["images"][1])
     np.testing.assert_array_equal(tea_ours["images"][2], tea_own["images"][2])
 
 
+@pytest.mark.vllm_omni_engine
 @engine
 def test_tea_cache_skips_steps_and_changes_the_images(tea_ours, checkpoint):
     uncached, uncached_runs = diffusers_images(checkpoint, None)

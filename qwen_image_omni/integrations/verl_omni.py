@@ -34,11 +34,12 @@ try:
     from verl_omni.pipelines import model_base as verl_omni_model_base
 except ImportError as error:  # pragma: no cover - exercised only without verl-omni
     raise ImportError(
-        "qwen_image_omni.integrations.verl_omni needs verl-omni (with verl 0.9.1, tensordict and vllm-omni): "
+        "qwen_image_omni.integrations.verl_omni needs verl-omni (with the verl it pins and vllm-omni): "
         "put a verl-omni checkout on PYTHONPATH; verl-omni is not on the package registry"
     ) from error
 
 from ..pipelines.model_base import DiffusionI2IModelBase, DiffusionModelBase, VllmOmniPipelineBase
+from . import verl_omni_lora_sync
 from .vllm_omni import QwenImageOmniMixin
 
 __all__ = ["QWEN_IMAGE_ARCHITECTURES", "register", "registered_keys", "verl_omni_adapter"]
@@ -85,6 +86,8 @@ def register() -> None:
 
     Rollout pipelines are our vllm-omni ones from :class:`~qwen_image_omni.pipelines.VllmOmniPipelineBase`;
     a key where ours is only a diffusers pipeline (or none) keeps verl-omni's, which vllm-omni can load.
+    Also makes verl-omni's FSDP LoRA weight sync work with peft >= 0.21
+    (:mod:`~qwen_image_omni.integrations.verl_omni_lora_sync`).
     """
     verl_adapters = verl_omni_model_base.DiffusionModelBase._registry
     verl_pipelines = verl_omni_model_base.VllmOmniPipelineBase._registry
@@ -98,6 +101,7 @@ def register() -> None:
             if not hasattr(pipeline, "supports_request_batch"):
                 pipeline.supports_request_batch = False
             verl_pipelines[(architecture, algorithm)] = pipeline
+    verl_omni_lora_sync.install()
     logger.info("qwen-image-omni registered in verl-omni: %s", registered_keys())
 
 

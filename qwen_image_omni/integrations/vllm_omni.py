@@ -294,9 +294,16 @@ class QwenImageOmniMixin:
 
         vllm-omni's builder without its two text-length arguments. ``output_slice`` is the number
         of noise tokens to keep when image latents (Edit) are appended, else None.
+
+        The latents go in as the transformer's dtype. vllm-omni's pipelines make them in the prompt
+        embeddings' dtype, which is the transformer's only while the text encoder loads in the
+        engine's dtype; a checkpoint whose text encoder config says float32 gives float32 prompts
+        in a bfloat16 engine, which vllm-omni's own transformer refuses as well (``mat1 and mat2
+        must have the same dtype``). Our transformer's own check stays strict for direct callers.
         """
         timestep = timestep.expand(latents.shape[0]).to(device=latents.device, dtype=latents.dtype) / 1000
         hidden_states = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
+        hidden_states = hidden_states.to(self.transformer.dtype)
         common = {"hidden_states": hidden_states, "timestep": timestep, "guidance": guidance, "img_shapes": img_shapes}
         extra = extra_transformer_kwargs or {}
         positive = {
@@ -414,10 +421,15 @@ class QwenImagePipeline(QwenImageOmniMixin, pipeline_qwen_image.QwenImagePipelin
         """vllm-omni's preparation (inputs, prompts, latents, timesteps) without text lengths.
 
         vllm-omni's version also returns width-derived ``txt_seq_lens`` lists; they are set to
-        None here so no request state carries one into step execution.
+        None here so no request state carries one into step execution. The latents are made in the
+        prompt embeddings' dtype there and are returned in the transformer's: the scheduler keeps
+        the dtype of the prediction, so in step execution a request admitted later would otherwise
+        hold latents of another dtype than those already stepped, which vllm-omni's runner cannot
+        batch (``Mixed dtypes in latents batch``).
         """
         context = super()._prepare_generation_context(**kwargs)
         context["txt_seq_lens"] = context["negative_txt_seq_lens"] = None
+        context["latents"] = context["latents"].to(self.transformer.dtype)
         return context
 
     def request_arguments(self, req: DiffusionRequestBatch) -> dict[str, Any]:

@@ -16,6 +16,19 @@ from .vllm_omni_features import ENGINE_FEATURES
 PLUGIN_GROUP = "vllm_omni.general_plugins"
 PLUGIN_NAME = "qwen_image_omni"
 
+SUPPORTED_VLLM_OMNI = ("0.27.0rc1", "0.32.0rc1")
+"""The oldest and the newest vllm-omni the plugin is tested against, each beside the vllm of its X.Y."""
+
+
+def support_note(omni_version: str) -> str:
+    """Whether ``omni_version`` lies in :data:`SUPPORTED_VLLM_OMNI`, in words."""
+    from packaging.version import Version
+
+    oldest, newest = SUPPORTED_VLLM_OMNI
+    if Version(oldest) <= Version(omni_version) <= Version(newest):
+        return f"supported ({oldest} to {newest})"
+    return f"untested: qwen-image-omni is tested with vllm-omni {oldest} to {newest}"
+
 
 def installed_version(distribution: str) -> str | None:
     """The installed version of ``distribution``, or None."""
@@ -44,7 +57,7 @@ def check_vllm_omni() -> int:
     if omni_version is None or importlib.util.find_spec("vllm_omni") is None:
         print("vllm-omni: not installed (pip install 'qwen-image-omni[vllm-omni]' to serve with it)")
         return 0
-    print(f"vllm-omni: {omni_version} (vllm {installed_version('vllm')})")
+    print(f"vllm-omni: {omni_version} (vllm {installed_version('vllm')}), {support_note(omni_version)}")
     plugins = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == PLUGIN_NAME]
     if not plugins:
         print(f"plugin: FAIL, no {PLUGIN_GROUP!r} entry point named {PLUGIN_NAME!r} (reinstall qwen-image-omni)")

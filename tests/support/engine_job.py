@@ -11,6 +11,9 @@
   - ``{"copy": [source, destination]}``: copy a file or directory (relative to JOB_DIR) over another
     between requests, e.g. a LoRA adapter a trainer rewrites in place.
 
+  A generate step with ``"rollout": true`` ``torch.save``s instead, per output, what an RL rollout
+  server reads (its images, ``trajectory_*`` fields and ``multimodal_output``) to ``JOB_DIR/step<i>.pt``.
+
 It writes ``JOB_DIR/result.json`` (one entry per step: the RPC results, or the number of images) and
 ``JOB_DIR/step<i>.npy``, the images of generate step ``i`` as one uint8 array ``(N, H, W, 3)``.
 The engine always carries the test probe (:mod:`qwen_image_omni_cpu_platform.probe`) as its worker
@@ -35,6 +38,14 @@ def load_prompt(job_dir: Path, prompt):
     if isinstance(prompt, str) and (job_dir / prompt).is_file():
         return torch.load(job_dir / prompt)
     return prompt
+
+
+def rollout_fields(output) -> dict:
+    """What an RL rollout server reads from one engine output (verl-omni's ``vllm_omni_async_server``),
+    the images as uint8 ``(H, W, 3)`` arrays."""
+    names = ("request_id", "trajectory_latents", "trajectory_log_probs", "trajectory_timesteps", "multimodal_output")
+    fields = {name: getattr(output, name, None) for name in names}
+    return fields | {"images": [np.asarray(image.convert("RGB")) for image in output.images]}
 
 
 def main(job_dir: Path) -> None:
@@ -68,6 +79,10 @@ def main(job_dir: Path) -> None:
                 sampling.lora_request = LoRARequest(**lora)
             prompts = [load_prompt(job_dir, prompt) for prompt in step["generate"]]
             outputs = omni.generate(prompts, sampling, use_tqdm=False)
+            if step.get("rollout"):
+                torch.save([rollout_fields(output) for output in outputs], job_dir / f"step{index}.pt")
+                results.append({"rollouts": len(outputs)})
+                continue
             images = [np.asarray(image.convert("RGB")) for output in outputs for image in output.images]
             np.save(job_dir / f"step{index}.npy", np.stack(images))
             results.append({"images": len(images)})

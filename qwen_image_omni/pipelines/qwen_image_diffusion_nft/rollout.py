@@ -88,7 +88,7 @@ def nft_ode_options(num_inference_steps: int, return_trajectory: bool = False) -
 class QwenImageDiffusionNFTRolloutMixin:
     """Makes a Qwen-Image FlowGRPO rollout pipeline (diffusers' or vllm-omni's) the DiffusionNFT one.
 
-    Put it before the FlowGRPO pipeline class in the bases. :meth:`rollout` replaces whatever SDE
+    Put it before the FlowGRPO pipeline class in the bases. :meth:`start_rollout` replaces whatever SDE
     options it gets with :func:`nft_ode_options`; the steps run the trainer's adapter
     :class:`QwenImageDiffusionNFT` (:attr:`training_adapter`), so rollout and trainer predict the
     same velocity. :meth:`diffusion_nft_rl` is the output's ``metadata["rl"]``.
@@ -102,7 +102,7 @@ class QwenImageDiffusionNFTRolloutMixin:
 
     _nft_return_trajectory: bool = False
 
-    def rollout(
+    def start_rollout(
         self,
         prompt_embeds: torch.Tensor,
         prompt_embeds_mask: torch.Tensor | None,
@@ -112,27 +112,29 @@ class QwenImageDiffusionNFTRolloutMixin:
         num_inference_steps: int = 50,
         return_trajectory: bool | None = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor, list[tuple[int, int]]]:
-        """FlowGRPO's ``rollout`` with :func:`nft_ode_options` in place of the SDE options.
+    ) -> Any:
+        """FlowGRPO's ``start_rollout`` with :func:`nft_ode_options` in place of the SDE options.
+
+        ``rollout`` (and vllm-omni's step execution) start here, so the whole run is the ODE: the
+        clean latents ``(B, S, C)``, the recorded states ``(B, W + 1, S, C)`` and timesteps
+        ``(B, W)`` (``W`` = 1, or N with ``return_trajectory``).
 
         Args:
             prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask:
-                as ``QwenImageRolloutMixin.rollout``.
+                as ``QwenImageRolloutMixin.start_rollout``.
             num_inference_steps: number of denoising steps N.
             return_trajectory: record the whole ODE path instead of the last step; None: the
                 pipeline's current setting (its ``forward`` argument).
-            **kwargs: the other arguments of ``QwenImageRolloutMixin.rollout``; any of
+            **kwargs: the other arguments of ``QwenImageRolloutMixin.start_rollout``; any of
                 :data:`SDE_OPTIONS` among them is replaced.
 
         Returns:
-            ``(latents, all_latents, None, all_timesteps, sde_windows)``: the clean latents
-            ``(B, S, C)``, the recorded states ``(B, W + 1, S, C)`` and timesteps ``(B, W)``
-            (``W`` = 1, or N with ``return_trajectory``).
+            The ``RolloutRun`` at step 0.
         """
         if return_trajectory is None:
             return_trajectory = self._nft_return_trajectory
         kwargs.update(nft_ode_options(num_inference_steps, return_trajectory))
-        return super().rollout(
+        return super().start_rollout(
             prompt_embeds,
             prompt_embeds_mask,
             negative_prompt_embeds,
@@ -141,6 +143,12 @@ class QwenImageDiffusionNFTRolloutMixin:
             **kwargs,
         )
 
-    def diffusion_nft_rl(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:func:`diffusion_nft_rl` of the final latents and the schedule this rollout ran (``scheduler.timesteps``)."""
-        return diffusion_nft_rl(latents, self.scheduler.timesteps)
+    def diffusion_nft_rl(self, latents: torch.Tensor, timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """:func:`diffusion_nft_rl` of the final latents and the schedule the rollout ran.
+
+        Args:
+            latents: ``(B, S, C)`` final packed latents.
+            timesteps: ``(N,)`` that schedule; default ``scheduler.timesteps``, which is it right after
+                a request-batch rollout (requests in flight in vllm-omni's step mode each keep their own).
+        """
+        return diffusion_nft_rl(latents, self.scheduler.timesteps if timesteps is None else timesteps)

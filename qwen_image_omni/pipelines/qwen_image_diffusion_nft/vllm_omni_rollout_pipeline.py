@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..model_base import VllmOmniPipelineBase
+from ..qwen_image_flow_grpo.rollout import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from .rollout import QwenImageDiffusionNFTRolloutMixin
 
@@ -48,6 +49,7 @@ class QwenImageDiffusionNFTPipeline(QwenImageDiffusionNFTRolloutMixin, QwenImage
             raise TypeError(f"`extra_args['return_trajectory']` must be a bool, got {type(return_trajectory).__name__}")
         return {"return_trajectory": return_trajectory}
 
-    def rollout_rl(self, *, latents: torch.Tensor, arguments: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """``{"latents_clean": (B, S, C) float32, "train_timesteps": (B, N)}`` (:func:`~.rollout.diffusion_nft_rl`)."""
-        return self.diffusion_nft_rl(latents)
+    def rollout_rl(self, run: RolloutRun) -> dict[str, torch.Tensor]:
+        """``{"latents_clean": (B, S, C) float32, "train_timesteps": (B, N)}`` of the run's schedule
+        (:func:`~.rollout.diffusion_nft_rl`)."""
+        return self.diffusion_nft_rl(run.latents, run.timesteps)

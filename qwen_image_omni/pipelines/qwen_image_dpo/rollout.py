@@ -46,7 +46,7 @@ def ode_rollout_options(num_inference_steps: int) -> dict[str, Any]:
 class QwenImageDPORolloutMixin:
     """Makes a Qwen-Image FlowGRPO rollout pipeline the DPO one: its loop run as a deterministic ODE.
 
-    Put it before the FlowGRPO pipeline class in the bases. :meth:`rollout` replaces whatever SDE
+    Put it before the FlowGRPO pipeline class in the bases. :meth:`start_rollout` replaces whatever SDE
     options it gets with :func:`ode_rollout_options`; the steps still run FlowGRPO's
     ``QwenImage.prepare_model_inputs`` / ``predict_noise``, which :class:`~.QwenImageDPO` (the
     trainer's adapter) runs too, so rollout and trainer predict the same velocity.
@@ -55,7 +55,7 @@ class QwenImageDPORolloutMixin:
     algorithm: str = "dpo"
     """The registry algorithm of this pipeline (``DiffusionModelConfig.algorithm``)."""
 
-    def rollout(
+    def start_rollout(
         self,
         prompt_embeds: torch.Tensor,
         prompt_embeds_mask: torch.Tensor | None,
@@ -64,22 +64,24 @@ class QwenImageDPORolloutMixin:
         *,
         num_inference_steps: int = 50,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor, list[tuple[int, int]]]:
-        """FlowGRPO's ``rollout`` with :func:`ode_rollout_options` in place of the SDE options.
+    ) -> Any:
+        """FlowGRPO's ``start_rollout`` with :func:`ode_rollout_options` in place of the SDE options.
+
+        ``rollout`` (and vllm-omni's step execution) start here, so the whole run is the ODE: the
+        clean latents ``(B, S, C)``, the last step's states ``(B, 2, S, C)`` and timestep ``(B, 1)``.
 
         Args:
             prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask:
-                as ``QwenImageRolloutMixin.rollout``.
+                as ``QwenImageRolloutMixin.start_rollout``.
             num_inference_steps: number of denoising steps N.
-            **kwargs: the other arguments of ``QwenImageRolloutMixin.rollout``; any of
+            **kwargs: the other arguments of ``QwenImageRolloutMixin.start_rollout``; any of
                 :data:`SDE_ROLLOUT_OPTIONS` among them is replaced.
 
         Returns:
-            ``(latents, all_latents, None, all_timesteps, sde_windows)``: the clean latents
-            ``(B, S, C)``, the last step's states ``(B, 2, S, C)`` and timestep ``(B, 1)``.
+            The ``RolloutRun`` at step 0.
         """
         kwargs.update(ode_rollout_options(num_inference_steps))
-        return super().rollout(
+        return super().start_rollout(
             prompt_embeds,
             prompt_embeds_mask,
             negative_prompt_embeds,

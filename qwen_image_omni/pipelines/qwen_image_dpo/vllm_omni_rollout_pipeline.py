@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..model_base import VllmOmniPipelineBase
+from ..qwen_image_flow_grpo.rollout import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from .rollout import CLEAN_LATENTS_KEY, QwenImageDPORolloutMixin
 
@@ -24,14 +23,15 @@ class QwenImageDPOPipeline(QwenImageDPORolloutMixin, QwenImagePipelineWithLogPro
     """DPO rollout on vllm-omni: the FlowGRPO vllm-omni pipeline's loop at noise level 0.
 
     SDE options in ``sampling_params.extra_args`` are ignored (the rollout fixes them,
-    :func:`~.rollout.ode_rollout_options`); ``trajectory_*`` hold the last step.
+    :func:`~.rollout.ode_rollout_options`); ``trajectory_*`` hold the last step. Request batches and
+    vllm-omni's step execution run it alike (the FlowGRPO pipeline's modes).
     """
 
     @classmethod
     def rollout_options(cls, extra_args: dict[str, Any] | None) -> dict[str, Any]:
-        """No options: :meth:`QwenImageDPORolloutMixin.rollout` sets the ODE's."""
+        """No options: :meth:`QwenImageDPORolloutMixin.start_rollout` sets the ODE's."""
         return {}
 
-    def rollout_rl(self, *, latents: torch.Tensor, arguments: dict[str, Any]) -> dict[str, Any]:
+    def rollout_rl(self, run: RolloutRun) -> dict[str, Any]:
         """``{"latents_clean": (B, S, C) float32}``, the final packed latents the DPO trainer re-noises."""
-        return {CLEAN_LATENTS_KEY: latents.float()}
+        return {CLEAN_LATENTS_KEY: run.latents.float()}

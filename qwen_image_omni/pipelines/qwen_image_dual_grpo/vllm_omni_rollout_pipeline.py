@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 
 from ..model_base import VllmOmniPipelineBase
+from ..qwen_image_flow_grpo.rollout import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from ..request_batch import PROMPT_TOKEN_ID_KEYS, collate_token_ids
 from .diffusers_training_adapter import QwenImageDualGRPO
@@ -59,9 +59,12 @@ class QwenImagePipelineWithDualLogProb(QwenImageTextSamplingMixin, QwenImagePipe
         )
         return arguments
 
-    def rollout_rl(self, *, latents: torch.Tensor, arguments: dict[str, Any]) -> dict[str, Any]:
-        """The text responses of the batch, ``num_images_per_prompt`` per request (:meth:`sample_text_responses`)."""
-        del latents
+    def rollout_rl(self, run: RolloutRun) -> dict[str, Any]:
+        """The text responses of the batch, ``num_images_per_prompt`` per request (:meth:`sample_text_responses`).
+
+        In vllm-omni's step execution the batch is one request, sampled when its image is done.
+        """
+        arguments = run.context["arguments"]
         return self.sample_text_responses(
             arguments["text_prompt_ids"],
             arguments["text_prompt_mask"],

@@ -86,6 +86,49 @@ class QwenImageEditRolloutMixin:
             ValueError: condition latents or ``img_shapes`` that do not match the batch, the
                 channels or the target size; and as ``QwenImageRolloutMixin.rollout``.
         """
+        run = self.start_edit_rollout(
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            condition_image_latents=condition_image_latents,
+            img_shapes=img_shapes,
+            num_images_per_prompt=num_images_per_prompt,
+            height=height,
+            width=width,
+            **rollout_kwargs,
+        )
+        self.run_rollout(run)
+        all_latents, all_log_probs, all_timesteps = run.trajectory()
+        return {
+            "latents": run.latents,
+            "all_latents": all_latents,
+            "all_log_probs": all_log_probs,
+            "all_timesteps": all_timesteps,
+            "sde_windows": run.windows,
+            **run.context["edit"],
+        }
+
+    def start_edit_rollout(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        *,
+        condition_image_latents: Any,
+        img_shapes: Any,
+        num_images_per_prompt: int,
+        height: int | None,
+        width: int | None,
+        **rollout_kwargs: Any,
+    ) -> Any:
+        """Check and repeat the condition, then the mixin's ``start_rollout`` with it in the run's micro-batch.
+
+        Arguments and errors as :meth:`edit_rollout`. The returned ``RolloutRun`` carries the condition
+        in its micro-batch (every step appends it) and ``context["edit"]`` =
+        ``{"condition_image_latents", "img_shapes", "height", "width"}``, the condition repeated per image.
+        """
         batch_size = prompt_embeds.shape[0]
         if batch_size % num_images_per_prompt:
             raise ValueError(
@@ -99,9 +142,10 @@ class QwenImageEditRolloutMixin:
             prompt_embeds.device,
         )
         height, width = self._target_size(img_shapes[0][0], height, width)
+        # The mixin reads the condition through `_micro_batch` while it builds the run; the run keeps it.
         self._edit_condition = {CONDITION_LATENTS_KEY: condition_image_latents, IMG_SHAPES_KEY: img_shapes}
         try:
-            latents, all_latents, all_log_probs, all_timesteps, sde_windows = self.rollout(
+            run = self.start_rollout(
                 prompt_embeds,
                 prompt_embeds_mask,
                 negative_prompt_embeds,
@@ -112,17 +156,13 @@ class QwenImageEditRolloutMixin:
             )
         finally:
             self._edit_condition = None
-        return {
-            "latents": latents,
-            "all_latents": all_latents,
-            "all_log_probs": all_log_probs,
-            "all_timesteps": all_timesteps,
-            "sde_windows": sde_windows,
+        run.context["edit"] = {
             CONDITION_LATENTS_KEY: condition_image_latents,
             IMG_SHAPES_KEY: img_shapes,
             "height": height,
             "width": width,
         }
+        return run
 
     # -- condition ----------------------------------------------------------------------------------
 

@@ -38,8 +38,8 @@ from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 from ...integrations.vllm_omni import QwenImageEditPlusPipeline
 from ..model_base import VllmOmniPipelineBase
 from ..qwen_image_flow_grpo.common import OUTPUT_TYPES, latent_grid, sde_scheduler
-from ..qwen_image_flow_grpo.rollout import QwenImageRolloutMixin
-from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
+from ..qwen_image_flow_grpo.rollout import QwenImageRolloutMixin, RolloutRun
+from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb, VllmOmniStepRolloutMixin
 from ..request_batch import NEGATIVE_TOKEN_ID_KEYS, PROMPT_TOKEN_ID_KEYS, collate_token_ids
 from ..rollout_output import per_request_rollouts
 from .diffusers_training_adapter import CONDITION_LATENTS_KEY, IMG_SHAPES_KEY
@@ -59,7 +59,9 @@ def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tens
 
 
 @VllmOmniPipelineBase.register(ARCHITECTURE, algorithm="flow_grpo", replace=True)
-class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImageRolloutMixin, QwenImageEditPlusPipeline):
+class QwenImageEditPlusPipelineWithLogProb(
+    VllmOmniStepRolloutMixin, QwenImageEditRolloutMixin, QwenImageRolloutMixin, QwenImageEditPlusPipeline
+):
     """Edit-Plus FlowGRPO rollout on vllm-omni: edited images plus the SDE window's latents, log-probs and timesteps.
 
     vllm-omni's Edit-Plus components (our transformer, its Qwen2.5-VL encoder, processor and VAE),
@@ -68,6 +70,8 @@ class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImageR
     request as in vllm-omni; the rollout options (FlowGRPO's ``ROLLOUT_OPTIONS``) from
     ``sampling_params.extra_args``. Unlike vllm-omni's Edit-Plus ``forward``, a batch may hold many
     requests; their condition latents must have one token count and their ``img_shapes`` one target.
+    vllm-omni's step execution runs it too (:class:`VllmOmniStepRolloutMixin`): requests in flight
+    whose conditions have other token counts are predicted in separate forwards.
     """
 
     supports_request_batch = True  # verl-omni's flag: forward takes a packed DiffusionRequestBatch
@@ -120,6 +124,21 @@ class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImageR
             ValueError: a request without a condition or a prompt, requests whose conditions do not
                 batch, and as the diffusers Edit rollout pipeline's ``forward``.
         """
+        run = self.start_request_rollout(req)
+        self.run_rollout(run)
+        return self.request_outputs(req, run)
+
+    def start_request_rollout(self, req: DiffusionRequestBatch) -> RolloutRun:
+        """Everything before the first step of an Edit batch's rollout: arguments, condition, prompts, noise.
+
+        Request mode starts the whole batch here, step execution each request alone
+        (:meth:`~..qwen_image_flow_grpo.vllm_omni_rollout_pipeline.VllmOmniStepRolloutMixin.prepare_encode`).
+        The run's ``context`` keeps ``arguments``, the ``prompt_embeddings`` the output records and
+        the repeated condition (``"edit"``, :meth:`start_edit_rollout`).
+
+        Raises:
+            ValueError: as :meth:`forward`.
+        """
         arguments = self.request_arguments(req)
         options = self.rollout_options(req.sampling_params_list[0].extra_args)
         self._attention_kwargs = {}
@@ -127,14 +146,9 @@ class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImageR
         self._current_timestep = None
         self._interrupt = False
         condition_latents, img_shapes, condition_images, height, width = self.rollout_condition(req, arguments)
-        prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask = self.rollout_prompts(
-            req, arguments, condition_images
-        )
-        result = self.edit_rollout(
-            prompt_embeds,
-            prompt_embeds_mask,
-            negative_prompt_embeds,
-            negative_prompt_embeds_mask,
+        prompts = self.rollout_prompts(req, arguments, condition_images)
+        run = self.start_edit_rollout(
+            *prompts,
             condition_image_latents=condition_latents,
             img_shapes=img_shapes,
             num_images_per_prompt=arguments["num_images_per_prompt"],
@@ -148,24 +162,33 @@ class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImageR
             true_cfg_scale=arguments["true_cfg_scale"],
             **options,
         )
-        self._current_timestep = None
-        images = self._decode_edit(result["latents"], result["height"], result["width"], arguments["output_type"])
+        run.context.update(arguments=arguments, prompt_embeddings=dict(zip(_EMBED_NAMES, prompts)))
+        return run
+
+    def request_outputs(
+        self, req: DiffusionRequestBatch, run: RolloutRun, *, to_cpu: bool = False
+    ) -> list[DiffusionOutput]:
+        """One ``DiffusionOutput`` per request of a finished run: edited image, trajectory, envelope with the condition.
+
+        Args:
+            req: the request batch the run rolled out (:meth:`start_request_rollout`).
+            run: the finished run.
+            to_cpu: move the output's tensors to the CPU (``DiffusionOutput(to_cpu=True)``).
+        """
+        arguments, edit = run.context["arguments"], run.context["edit"]
+        images = self._decode_edit(run.latents, edit["height"], edit["width"], arguments["output_type"])
+        all_latents, all_log_probs, all_timesteps = run.trajectory()
         requests = per_request_rollouts(
             media=images,
-            trajectory_latents=result["all_latents"],
-            trajectory_log_probs=result["all_log_probs"],
-            trajectory_timesteps=result["all_timesteps"],
-            prompt_embeddings=dict(
-                zip(
-                    _EMBED_NAMES,
-                    (prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask),
-                )
-            ),
-            rl={CONDITION_LATENTS_KEY: result[CONDITION_LATENTS_KEY], IMG_SHAPES_KEY: result[IMG_SHAPES_KEY]},
+            trajectory_latents=all_latents,
+            trajectory_log_probs=all_log_probs,
+            trajectory_timesteps=all_timesteps,
+            prompt_embeddings=run.context["prompt_embeddings"],
+            rl={CONDITION_LATENTS_KEY: edit[CONDITION_LATENTS_KEY], IMG_SHAPES_KEY: edit[IMG_SHAPES_KEY]},
             num_requests=req.num_reqs,
             rows_per_request=arguments["num_images_per_prompt"],
         )
-        return [DiffusionOutput(**request) for request in requests]
+        return [DiffusionOutput(**request, to_cpu=to_cpu) for request in requests]
 
     # -- condition ------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from ..checks import check_int
 from ..config import DiffusionModelConfig
 from ..model_base import DiffusionModelBase
 from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
+from ..training_module import prepare_for_trainer
 from ..utils import default_device
 from .common import (
     QWEN_IMAGE_VAE_SCALE_FACTOR,
@@ -50,19 +51,23 @@ class QwenImage(DiffusionModelBase):
 
         Reads ``<local_path>/<transformer_subfolder>`` (default ``transformer``), or ``config_path``
         when the config sets one, as verl-omni's ``AutoModel`` path does; same config, same
-        state-dict keys, so diffusers checkpoints and LoRA names carry over.
+        state-dict keys, so diffusers checkpoints and LoRA names carry over. The module attends with
+        the config's ``attn_backend`` and its config saves itself into trainer checkpoints
+        (:func:`~qwen_image_omni.pipelines.training_module.prepare_for_trainer`).
 
         Raises:
-            ValueError: the config has no ``local_path`` (nor ``config_path``).
+            ValueError: the config has no ``local_path`` (nor ``config_path``), or names an
+                attention backend that cannot run here.
         """
         config_path = getattr(model_config, "config_path", None)
         local_path = getattr(model_config, "local_path", None)
         if not (config_path or local_path):
             raise ValueError("build_module needs model_config.local_path (a diffusers checkpoint folder), got None")
         subfolder = "" if config_path else getattr(model_config, "transformer_subfolder", "transformer")
-        return QwenImageTransformer2DModel.from_pretrained(
+        module = QwenImageTransformer2DModel.from_pretrained(
             config_path or local_path, subfolder=subfolder, torch_dtype=torch_dtype
         )
+        return prepare_for_trainer(module, model_config)
 
     @classmethod
     def build_scheduler(cls, model_config: DiffusionModelConfig) -> FlowMatchSDEDiscreteScheduler:
@@ -217,6 +222,38 @@ class QwenImage(DiffusionModelBase):
             ``(prev_sample, log_prob, prev_sample_mean, std_dev_t, sqrt_dt)``.
         """
         noise_pred = cls.predict_noise(module, model_inputs, negative_model_inputs, true_cfg_scale, model_config)
+        return cls.step_from_prediction(
+            scheduler,
+            noise_pred,
+            sample=sample,
+            timestep=timestep,
+            noise_level=noise_level,
+            sde_type=sde_type,
+            prev_sample=prev_sample,
+            generator=generator,
+            return_logprobs=return_logprobs,
+        )
+
+    @classmethod
+    def step_from_prediction(
+        cls,
+        scheduler: FlowMatchSDEDiscreteScheduler,
+        noise_pred: torch.Tensor,
+        *,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        noise_level: float | list[float],
+        sde_type: str,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_logprobs: bool = True,
+    ) -> tuple:
+        """The scheduler half of :meth:`sample_previous_step`, on a prediction already made.
+
+        vllm-omni's step execution predicts a whole continuous batch at once and steps each request
+        on its own rows; this is that per-request step. Arguments and result as
+        :meth:`sample_previous_step`; ``noise_pred`` is :meth:`predict_noise`'s output for ``sample``.
+        """
         levels = noise_level if isinstance(noise_level, (list, tuple)) else [noise_level] * sample.shape[0]
         if len(levels) != sample.shape[0]:
             raise ValueError(f"`noise_level` must be one number or one per sample ({sample.shape[0]}), got {len(levels)}")

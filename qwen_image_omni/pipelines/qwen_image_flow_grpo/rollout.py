@@ -6,7 +6,7 @@ functions (:class:`~.diffusers_training_adapter.QwenImage`), so rollout log-prob
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import PIL.Image
@@ -30,7 +30,7 @@ from .common import (
 )
 from .diffusers_training_adapter import QwenImage
 
-__all__ = ["QwenImageRolloutMixin", "QwenImageRolloutOutput", "QwenImageTokenIdPrompts"]
+__all__ = ["QwenImageRolloutMixin", "QwenImageRolloutOutput", "QwenImageTokenIdPrompts", "RolloutRun"]
 
 @dataclass
 class QwenImageRolloutOutput(BaseOutput):
@@ -107,14 +107,87 @@ class QwenImageRolloutOutput(BaseOutput):
         return {key: getattr(self, key) for key in keys}
 
 
+@dataclass
+class RolloutRun:
+    """One rollout in progress: what its steps read, its current latents and what it has recorded.
+
+    :meth:`QwenImageRolloutMixin.start_rollout` makes one at step 0 and
+    :meth:`QwenImageRolloutMixin.rollout_step` advances it. A request batch runs all its steps in one
+    call (:meth:`QwenImageRolloutMixin.run_rollout`); vllm-omni's step execution keeps one per request
+    and takes one step per engine step, the prediction batched with the other requests in flight.
+
+    Args:
+        latents: ``(B, S, C)`` float32 current latents.
+        timesteps: ``(N,)`` the schedule (``scheduler.timesteps`` after ``set_timesteps``).
+        windows: one ``(start, end)`` SDE window per sample.
+        prompt: ``(embeds (B, L, D), mask (B, L) or None)`` as the steps read them.
+        negative_prompt: the negative pair for true CFG, or ``(None, None)``.
+        model_config: the config the trainer would hold (what the step functions read).
+        micro_batch: the trainer's micro-batch for the steps (image metadata, condition).
+        noise_level: SDE noise level inside the windows.
+        sde_type: ``"sde"``, ``"cps"`` or ``"dance_sde"``.
+        generator: the noise generator, or one per sample.
+        logprobs: record the window's log-probabilities.
+        scheduler: the SDE scheduler, ``timesteps`` set, that steps this run.
+        step_index: the next step.
+        context: the host pipeline's own data (request arguments, recorded prompt embeddings, ...).
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    windows: list[tuple[int, int]]
+    prompt: tuple[torch.Tensor, torch.Tensor | None]
+    negative_prompt: tuple[torch.Tensor | None, torch.Tensor | None]
+    model_config: DiffusionModelConfig
+    micro_batch: dict[str, Any]
+    noise_level: float
+    sde_type: str
+    generator: torch.Generator | list[torch.Generator] | None
+    logprobs: bool
+    scheduler: Any
+    step_index: int = 0
+    context: dict[str, Any] = field(default_factory=dict)
+    recorded_latents: list[list[torch.Tensor]] = field(init=False)
+    recorded_log_probs: list[list[torch.Tensor | None]] = field(init=False)
+    recorded_timesteps: list[list[torch.Tensor]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        rows = range(self.latents.shape[0])
+        self.recorded_latents = [[] for _ in rows]
+        self.recorded_log_probs = [[] for _ in rows]
+        self.recorded_timesteps = [[] for _ in rows]
+
+    @property
+    def done(self) -> bool:
+        """Whether every step of the schedule is taken."""
+        return self.step_index >= len(self.timesteps)
+
+    def step_timesteps(self) -> torch.Tensor:
+        """``(B,)`` float32 timestep of the current step, one per sample."""
+        timestep = self.timesteps[self.step_index]
+        return timestep.reshape(1).expand(self.latents.shape[0]).to(device=self.latents.device, dtype=torch.float32)
+
+    def trajectory(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(all_latents (B, W + 1, S, C), all_log_probs (B, W) or None, all_timesteps (B, W))`` recorded so far."""
+
+        def stack(per_row: list[list[torch.Tensor]]) -> torch.Tensor:
+            return torch.stack([torch.stack(steps) for steps in per_row])
+
+        log_probs = stack(self.recorded_log_probs) if self.logprobs else None
+        return stack(self.recorded_latents), log_probs, stack(self.recorded_timesteps)
+
+
 class QwenImageRolloutMixin:
     """The rollout loop, shared by every Qwen-Image rollout pipeline (diffusers' and vllm-omni's).
 
-    Runs every denoising step through :meth:`QwenImage.prepare_model_inputs` and
-    :meth:`QwenImage.sample_previous_step` (``training_adapter``), the functions the trainer uses to
-    recompute the log-probabilities, so rollout and trainer cannot drift apart. Steps outside the
-    SDE window are deterministic Euler steps (noise level 0); steps inside draw from the SDE and
-    record ``(latents, log_prob, timestep)``.
+    Runs every denoising step through :meth:`QwenImage.prepare_model_inputs`,
+    :meth:`QwenImage.predict_noise` and :meth:`QwenImage.step_from_prediction` (``training_adapter``;
+    together its ``sample_previous_step``), the functions the trainer uses to recompute the
+    log-probabilities, so rollout and trainer cannot drift apart. Steps outside the SDE window are
+    deterministic Euler steps (noise level 0); steps inside draw from the SDE and record
+    ``(latents, log_prob, timestep)``. A rollout is a :class:`RolloutRun`: :meth:`start_rollout`,
+    then per step :meth:`rollout_prediction` and :meth:`rollout_step` (:meth:`run_rollout` takes
+    them all), so vllm-omni's step execution runs the very same steps.
 
     The host pipeline provides ``transformer`` (ours), ``scheduler``
     (:class:`FlowMatchSDEDiscreteScheduler`), ``vae_scale_factor`` and Qwen-Image's
@@ -134,6 +207,29 @@ class QwenImageRolloutMixin:
         prompt_embeds_mask: torch.Tensor | None,
         negative_prompt_embeds: torch.Tensor | None,
         negative_prompt_embeds_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, list[tuple[int, int]]]:
+        """Denoise from noise to final latents with prompt embeddings already encoded.
+
+        :meth:`start_rollout` (keyword arguments as there), then every step (:meth:`run_rollout`).
+
+        Returns:
+            ``(latents, all_latents, all_log_probs, all_timesteps, sde_windows)``, one window per sample
+            (:func:`sample_sde_windows`: each sample draws its own from its generator when
+            ``generator`` is a list, so a packed batch gives what each request alone would).
+        """
+        run = self.start_rollout(
+            prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask, **kwargs
+        )
+        self.run_rollout(run)
+        return (run.latents, *run.trajectory(), run.windows)
+
+    def start_rollout(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
         *,
         height: int,
         width: int,
@@ -148,18 +244,14 @@ class QwenImageRolloutMixin:
         sde_window_range: tuple[int, int] = (0, 5),
         sde_type: str = "sde",
         logprobs: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[int, int]]:
-        """Denoise from noise to final latents with prompt embeddings already encoded.
+    ) -> RolloutRun:
+        """Everything before the first step: initial noise, timesteps, SDE windows; a :class:`RolloutRun` at step 0.
 
         Prepares the initial noise, sets the timesteps (:func:`set_qwen_image_timesteps`, as the
-        trainer does), draws the SDE window and runs :meth:`diffuse`. True CFG runs when
-        ``negative_prompt_embeds`` is given; the caller decides that (and ``true_cfg_scale > 1``).
-        Arguments are those of :meth:`QwenImagePipelineWithLogProb.forward`.
-
-        Returns:
-            ``(latents, all_latents, all_log_probs, all_timesteps, sde_windows)``, one window per sample
-            (:func:`sample_sde_windows`: each sample draws its own from its generator when
-            ``generator`` is a list, so a packed batch gives what each request alone would).
+        trainer does, on ``self.scheduler``, which the run steps with) and draws the SDE windows,
+        in that order from ``generator``. True CFG runs when ``negative_prompt_embeds`` is given;
+        the caller decides that (and ``true_cfg_scale > 1``). Arguments are those of
+        :meth:`QwenImagePipelineWithLogProb.forward`.
 
         Raises:
             ValueError: a size that is not a multiple of ``2 * vae_scale_factor``; a NaN, infinite or
@@ -184,8 +276,7 @@ class QwenImageRolloutMixin:
             guidance = torch.full((batch_size,), float(guidance_scale), device=device, dtype=torch.float32)
 
         sde_windows = sample_sde_windows(sde_window_size, sde_window_range, len(timesteps), generator, batch_size)
-
-        latents, all_latents, all_log_probs, all_timesteps = self.diffuse(
+        return self._new_run(
             prompt_embeds,
             prompt_embeds_mask,
             negative_prompt_embeds,
@@ -202,7 +293,6 @@ class QwenImageRolloutMixin:
             generator,
             logprobs,
         )
-        return latents, all_latents, all_log_probs, all_timesteps, sde_windows
 
     # -- latents ------------------------------------------------------------------------------------
 
@@ -271,65 +361,99 @@ class QwenImageRolloutMixin:
             ``(latents, all_latents, all_log_probs, all_timesteps)``: final latents ``(B, S, C)``,
             window states ``(B, W + 1, S, C)`` float32, log-probs ``(B, W)`` or None, timesteps ``(B, W)``.
         """
-        batch_size = latents.shape[0]
-        windows = check_sde_windows(sde_window, len(timesteps), batch_size)
+        run = self._new_run(
+            prompt_embeds,
+            prompt_embeds_mask,
+            negative_prompt_embeds,
+            negative_prompt_embeds_mask,
+            latents,
+            img_shapes,
+            timesteps,
+            do_true_cfg,
+            guidance,
+            true_cfg_scale,
+            noise_level,
+            sde_window,
+            sde_type,
+            generator,
+            logprobs,
+        )
+        self.run_rollout(run)
+        return (run.latents, *run.trajectory())
+
+    def _new_run(
+        self,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        latents: torch.Tensor,
+        img_shapes: list,
+        timesteps: torch.Tensor,
+        do_true_cfg: bool,
+        guidance: torch.Tensor | None,
+        true_cfg_scale: float,
+        noise_level: float,
+        sde_window: tuple[int, int] | list[tuple[int, int]],
+        sde_type: str,
+        generator: torch.Generator | list[torch.Generator] | None,
+        logprobs: bool,
+    ) -> RolloutRun:
+        """A checked :class:`RolloutRun` at step 0 stepping with ``self.scheduler`` (arguments as :meth:`diffuse`)."""
+        windows = check_sde_windows(sde_window, len(timesteps), latents.shape[0])
         _check_sde_type(sde_type)
         if do_true_cfg and negative_prompt_embeds is None:
             raise ValueError("do_true_cfg=True needs `negative_prompt_embeds`, got None")
-        model_config = self._step_config(img_shapes, len(timesteps), guidance, true_cfg_scale if do_true_cfg else 1.0)
-        micro_batch = self._micro_batch(img_shapes)
-        latents = latents.float()
-        rows = range(batch_size)
-        all_latents, all_log_probs, all_timesteps = [[] for _ in rows], [[] for _ in rows], [[] for _ in rows]
-        for index, timestep in enumerate(timesteps):
+        cfg_scale = true_cfg_scale if do_true_cfg else 1.0
+        return RolloutRun(
+            latents=latents.float(),
+            timesteps=timesteps,
+            windows=windows,
+            prompt=(prompt_embeds, prompt_embeds_mask),
+            negative_prompt=(negative_prompt_embeds, negative_prompt_embeds_mask) if do_true_cfg else (None, None),
+            model_config=self._step_config(img_shapes, len(timesteps), guidance, cfg_scale),
+            micro_batch=self._micro_batch(img_shapes),
+            noise_level=noise_level,
+            sde_type=sde_type,
+            generator=generator,
+            logprobs=logprobs,
+            scheduler=self.scheduler,
+        )
+
+    def run_rollout(self, run: RolloutRun) -> None:
+        """Take every remaining step of ``run``: :meth:`rollout_prediction`, then :meth:`rollout_step`."""
+        while not run.done:
             if getattr(self, "_interrupt", False):
+                run.step_index += 1
                 continue
-            self._current_timestep = timestep
-            in_window = [start <= index < end for start, end in windows]
-            for row, (start, _) in enumerate(windows):
-                if index == start:
-                    all_latents[row].append(latents[row])
-            step_timesteps = timestep.reshape(1).expand(batch_size).to(device=latents.device, dtype=torch.float32)
-            latents, log_prob = self._denoise_step(
-                latents,
-                step_timesteps,
-                (prompt_embeds, prompt_embeds_mask),
-                (negative_prompt_embeds, negative_prompt_embeds_mask) if do_true_cfg else (None, None),
-                model_config,
-                micro_batch,
-                [noise_level if inside else 0.0 for inside in in_window],
-                sde_type,
-                generator,
-                logprobs and any(in_window),
+            self._current_timestep = run.timesteps[run.step_index]
+            noise_pred = self.rollout_prediction(
+                run.model_config, run.micro_batch, run.latents, run.step_timesteps(), run.prompt, run.negative_prompt
             )
-            for row, inside in enumerate(in_window):
-                if inside:
-                    all_latents[row].append(latents[row])
-                    all_log_probs[row].append(None if log_prob is None else log_prob[row])
-                    all_timesteps[row].append(step_timesteps[row])
+            self.rollout_step(run, noise_pred)
         self._current_timestep = None
 
-        def stack(per_row: list[list[torch.Tensor]]) -> torch.Tensor:
-            return torch.stack([torch.stack(steps) for steps in per_row])
-
-        return latents, stack(all_latents), stack(all_log_probs) if logprobs else None, stack(all_timesteps)
-
-    def _denoise_step(
+    def rollout_prediction(
         self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        prompt: tuple[torch.Tensor, torch.Tensor | None],
-        negative_prompt: tuple[torch.Tensor | None, torch.Tensor | None],
         model_config: DiffusionModelConfig,
         micro_batch: dict[str, Any],
-        noise_level: float | list[float],
-        sde_type: str,
-        generator: torch.Generator | list[torch.Generator] | None,
-        return_logprobs: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One rollout step through the trainer's functions; returns ``(prev_latents, log_prob)``.
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt: tuple[torch.Tensor, torch.Tensor | None],
+        negative_prompt: tuple[torch.Tensor | None, torch.Tensor | None],
+    ) -> torch.Tensor:
+        """The prediction of one step through the trainer's functions (the first half of its ``sample_previous_step``).
 
-        ``noise_level`` may hold one level per sample (samples inside and outside their SDE window).
+        Args:
+            model_config: the run's step config (:attr:`RolloutRun.model_config`).
+            micro_batch: the run's micro-batch (image metadata, and the condition of image-conditioned adapters).
+            latents: ``(B, S, C)`` current latents.
+            timesteps: ``(B,)`` the step's scheduler timesteps.
+            prompt: ``(embeds (B, L, D), mask (B, L) or None)``.
+            negative_prompt: the negative pair for true CFG, or ``(None, None)``.
+
+        Returns:
+            ``(B, S, C)`` the (guided) noise prediction.
         """
         adapter = self.training_adapter
         # The trainer's own input path (image-conditioned adapters get their condition injected).
@@ -338,7 +462,7 @@ class QwenImageRolloutMixin:
             self.transformer,
             model_config,
             latents,
-            timestep,
+            timesteps,
             prompt[0],
             prompt[1],
             negative_prompt[0],
@@ -351,21 +475,44 @@ class QwenImageRolloutMixin:
             model_inputs["attention_kwargs"] = attention_kwargs
             if negative_model_inputs is not None:
                 negative_model_inputs["attention_kwargs"] = attention_kwargs
-        prev_latents, log_prob, _, _, _ = adapter.sample_previous_step(
+        return adapter.predict_noise(
             self.transformer,
-            self.scheduler,
             model_inputs,
             negative_model_inputs,
-            sample=latents,
-            timestep=timestep,
-            true_cfg_scale=model_config.pipeline.true_cfg_scale,
-            noise_level=noise_level,
-            sde_type=sde_type,
-            generator=generator,
-            return_logprobs=return_logprobs,
-            model_config=model_config,
+            model_config.pipeline.true_cfg_scale,
+            model_config,
         )
-        return prev_latents, log_prob
+
+    def rollout_step(self, run: RolloutRun, noise_pred: torch.Tensor) -> None:
+        """The scheduler step of ``run``'s current step on ``noise_pred``, recorded when inside a sample's window.
+
+        Samples inside their SDE window draw from the SDE at ``run.noise_level`` and record
+        ``(latents, log_prob, timestep)``; the others take the deterministic Euler step (noise level 0).
+        Advances ``run.latents`` and ``run.step_index``.
+        """
+        index = run.step_index
+        in_window = [start <= index < end for start, end in run.windows]
+        for row, (start, _) in enumerate(run.windows):
+            if index == start:
+                run.recorded_latents[row].append(run.latents[row])
+        timesteps = run.step_timesteps()
+        latents, log_prob, *_ = self.training_adapter.step_from_prediction(
+            run.scheduler,
+            noise_pred,
+            sample=run.latents,
+            timestep=timesteps,
+            noise_level=[run.noise_level if inside else 0.0 for inside in in_window],
+            sde_type=run.sde_type,
+            generator=run.generator,
+            return_logprobs=run.logprobs and any(in_window),
+        )
+        for row, inside in enumerate(in_window):
+            if inside:
+                run.recorded_latents[row].append(latents[row])
+                run.recorded_log_probs[row].append(None if log_prob is None else log_prob[row])
+                run.recorded_timesteps[row].append(timesteps[row])
+        run.latents = latents
+        run.step_index += 1
 
     def _image_size(self, img_shapes: list) -> tuple[int, int]:
         """``(height, width)`` in pixels of text-to-image ``img_shapes`` ``[[(1, rows, cols)]] * B``."""

@@ -12,8 +12,22 @@ from __future__ import annotations
 import os
 
 PLATFORM = "qwen_image_omni_cpu_platform.platform.CpuOmniPlatform"
+VLLM_CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
+
+
+def _cpu_requested() -> bool:
+    return os.environ.get("VLLM_TARGET_DEVICE", "").lower() == "cpu"
 
 
 def activate() -> str | None:
     """vllm-omni platform plugin: the CPU platform's qualified name when ``VLLM_TARGET_DEVICE=cpu``, else None."""
-    return PLATFORM if os.environ.get("VLLM_TARGET_DEVICE", "").lower() == "cpu" else None
+    return PLATFORM if _cpu_requested() else None
+
+
+def activate_vllm() -> str | None:
+    """vllm platform plugin: vllm's own ``CpuPlatform`` when ``VLLM_TARGET_DEVICE=cpu``, else None.
+
+    vllm 0.30 picks its CPU platform from that variable itself; vllm 0.27 picks it only in a CPU build
+    of vllm, and otherwise leaves ``UnspecifiedPlatform``, whose device methods raise.
+    """
+    return VLLM_CPU_PLATFORM if _cpu_requested() else None

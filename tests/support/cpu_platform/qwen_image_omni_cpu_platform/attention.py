@@ -32,3 +32,9 @@ class CpuSDPABackend(SDPABackend):
     def get_impl_cls() -> type[CpuSDPAImpl]:
         """The CPU-dispatching implementation."""
         return CpuSDPAImpl
+
+
+# vllm-omni 0.27 attends float32 queries through its own SDPA backend whatever the platform chose
+# (``Attention.sdpa_fallback``), and that implementation raises on an out-of-tree platform; it gets
+# the CPU-dispatching one too. This module is imported only through the CPU platform.
+SDPABackend.get_impl_cls = staticmethod(CpuSDPABackend.get_impl_cls)

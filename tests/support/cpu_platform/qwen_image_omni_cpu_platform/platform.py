@@ -58,6 +58,11 @@ class CpuOmniPlatform(OmniPlatform, CpuPlatform):
         return psutil.Process().memory_info().rss
 
     @classmethod
+    def get_current_memory_usage(cls, device: torch.device | None = None) -> float:
+        """This process's resident memory in bytes (vllm 0.27's ``CpuPlatform`` does not answer this)."""
+        return float(psutil.Process().memory_info().rss)
+
+    @classmethod
     def memory_allocated(cls, device: torch.device | None = None) -> int:
         """Same figure as :meth:`max_memory_allocated`."""
         return psutil.Process().memory_info().rss
