@@ -94,7 +94,7 @@ def test_trainer_builds_our_transformer_and_the_rollout_serves_our_pipeline(ours
     # verl-omni logs this for a module that an adapter's build_module returned (diffusers' class goes
     # through AutoModel and never reaches that line).
     assert "Built QwenImageTransformer2DModel via DiffusionModelBase custom loader" in log
-    assert OUR_ROLLOUT in log
+    assert f"qwen-image-omni: {OUR_ROLLOUT} serves" in log
     assert "step_execution" in log
 
 
@@ -136,17 +136,21 @@ def test_resumed_run_repeats_step_two(ours, resumed):
     assert f"Resuming from {checkpoint}" in resumed.log.read_text(errors="replace")
     for name, tolerance in STEP_METRICS.items():
         assert resumed.metrics[2][name] == pytest.approx(ours.metrics[2][name], **tolerance), name
-    # Step 2's update starts from the restored weights and optimizer moments: the weights after it agree.
+    # Step 2's update starts from the restored weights and optimizer moments, so the two updates agree
+    # to a small part of their size (Adam without its step-1 moments moves every weight by about lr).
+    before = _lora_weights(checkpoint)
     after = [_lora_weights(run.log.parent / "checkpoints" / "global_step_2") for run in (ours, resumed)]
-    assert sorted(after[0]) == sorted(after[1])
+    assert sorted(after[0]) == sorted(after[1]) == sorted(before)
     for name, weight in after[0].items():
-        torch.testing.assert_close(after[1][name], weight, rtol=1e-4, atol=1e-7, msg=name)
+        update = (weight - before[name]).abs().max()
+        assert update > 0, name
+        assert (after[1][name] - weight).abs().max() <= 1e-2 * update, name
 
 
 def test_verl_omni_own_pipeline_runs_the_same_recipe(verl_omni_own, ours):
     log = verl_omni_own.log.read_text(errors="replace")
     assert "Built QwenImageTransformer2DModel via DiffusionModelBase custom loader" not in log
-    assert OUR_ROLLOUT not in log
+    assert "qwen-image-omni:" not in log
     keys = ("rollout_corr/logprob_abs_diff_mean", "rollout_corr/logprob_abs_diff_max", "actor/ppo_kl")
     figures = {
         name: {key: run.metrics[1][key] for key in keys}

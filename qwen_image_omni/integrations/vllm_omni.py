@@ -77,7 +77,7 @@ from .vllm_omni_linear import diffusers_parameter_name, use_vllm_linear_layers
 from .vllm_omni_parallel import route_attention_through_vllm_omni, wants_vllm_omni_attention
 from .vllm_omni_teacache import register_teacache_extractor
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # as in vllm_omni_parallel: vllm's logging config applies
 
 __all__ = [
     "QwenImageEditPipeline",
@@ -221,9 +221,11 @@ class QwenImageOmniMixin:
         return next(base for base in cls.__mro__ if base.__module__ == cls.vllm_omni_module.__name__)
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
-        """Build vllm-omni's pipeline with our transformer in place of vllm-omni's."""
+        """Build vllm-omni's pipeline with our transformer in place of vllm-omni's (logged once, at INFO)."""
         with _constructing_with_our_transformer(self.vllm_omni_module):
             super().__init__(od_config=od_config, prefix=prefix)
+        cls = type(self)
+        logger.info("qwen-image-omni: %s.%s serves %s", cls.__module__, cls.__qualname__, od_config.model)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy the diffusers-named ``transformer.*`` tensors into our transformer.

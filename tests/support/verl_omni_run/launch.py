@@ -116,6 +116,8 @@ def recipe_overrides(inputs: dict[str, Path], external_lib: str, steps: int) -> 
         f"reward.custom_reward_function.path={REWARD}",
         "reward.custom_reward_function.name=compute_score",
         "trainer.logger=[console,file]",
+        # verl's Ray workers log vllm at WARN; the test reads which pipeline served from an INFO line.
+        "+ray_kwargs.ray_init.runtime_env.env_vars.VLLM_LOGGING_LEVEL=INFO",
         "trainer.project_name=qwen_image_omni",
         "trainer.experiment_name=tiny_flow_grpo",
         "trainer.val_before_train=false",
