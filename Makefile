@@ -73,14 +73,16 @@ test-vllm-omni-newest: $(VLLM_OMNI_NEWEST_STAMP)
 	$(call VLLM_OMNI_COMPONENTS,$(VLLM_OMNI_NEWEST_PY))
 
 # verl is copied out of its snapshot first (pip builds inside the source folder). verl-omni's own
-# dependencies come from its pyproject (its `vllm-omni` extra too), after vllm-omni, as verl-omni's
-# install docs order them: they take transformers back to 5.14.1 and accelerate up to 1.14 (verl-omni's
-# uv override), over vllm-omni 0.27.0rc1's accelerate==1.12.0 pin, so pip warns about that one.
+# dependencies come from its pyproject (its `vllm-omni` extra too, but for vllm-omni itself, installed
+# already), after vllm-omni, as verl-omni's install docs order them: they take transformers back to
+# 5.14.1 and accelerate up to 1.14 (verl-omni's uv override) over vllm-omni 0.27.0rc1's
+# accelerate==1.12.0 pin, which pip reports as a conflict it leaves in place.
 $(VERL_OMNI_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
 	$(call vllm_omni_venv,$(VERL_OMNI_VENV),"vllm==0.27.0" "vllm-omni==0.27.0rc1")
 	rm -rf $(VERL_OMNI_VENV)/src && mkdir -p $(VERL_OMNI_VENV)/src && cp -r $(VERL_SRC) $(VERL_OMNI_VENV)/src/verl
 	$(VERL_OMNI_PY) -c "import sys, tomllib; p = tomllib.load(open(sys.argv[1], 'rb'))['project']; \
-		print('\n'.join(p['dependencies'] + p['optional-dependencies']['vllm-omni']))" \
+		extra = [r for r in p['optional-dependencies']['vllm-omni'] if not r.startswith('vllm-omni')]; \
+		print('\n'.join(p['dependencies'] + extra))" \
 		$(VERL_OMNI_SRC)/pyproject.toml > $(VERL_OMNI_VENV)/verl-omni-requirements.txt
 	$(VERL_OMNI_PY) -m pip install -q $(VERL_OMNI_VENV)/src/verl -r $(VERL_OMNI_VENV)/verl-omni-requirements.txt
 	$(VERL_OMNI_PY) -m pip install -q -e ".[test]" -e tests/support/cpu_platform
