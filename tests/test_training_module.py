@@ -16,6 +16,7 @@ from diffusers import QwenImageTransformer2DModel as DiffusersTransformer
 from diffusers.models.attention_dispatch import AttentionBackendName
 
 from qwen_image_omni import QwenImageTransformer2DModel
+from qwen_image_omni.pipelines import DiffusionModelBase
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImage
 from qwen_image_omni.pipelines.training_module import FA3_HUB_BACKEND, FALLBACK_BACKEND
 
@@ -26,6 +27,18 @@ def _backends(module: torch.nn.Module) -> set:
 
 def _build(checkpoint, **config) -> QwenImageTransformer2DModel:
     return QwenImage.build_module(SimpleNamespace(local_path=str(checkpoint), **config), torch.float32)
+
+
+QWEN_IMAGE_KEYS = [key for key in DiffusionModelBase.registered() if key[0].startswith("QwenImage")]
+
+
+@pytest.mark.parametrize("key", QWEN_IMAGE_KEYS, ids=["/".join(key) for key in QWEN_IMAGE_KEYS])
+def test_every_qwen_image_adapter_builds_our_transformer_for_the_trainer(checkpoint, key):
+    config = SimpleNamespace(local_path=str(checkpoint), attn_backend="_native_math")
+    module = DiffusionModelBase.peek_class(*key).build_module(config, torch.float32)
+    assert type(module) is QwenImageTransformer2DModel
+    assert _backends(module) == {AttentionBackendName._NATIVE_MATH}
+    assert callable(module.config.save_pretrained)
 
 
 def test_config_saves_itself_as_a_diffusers_config_under_the_model_class_name(checkpoint, tmp_path):

@@ -54,6 +54,11 @@ class QwenImageDPO(DiffusionModelBase):
     """
 
     @classmethod
+    def build_module(cls, model_config: DiffusionModelConfig, torch_dtype: torch.dtype) -> torch.nn.Module:
+        """Our transformer for the trainer, as :meth:`QwenImage.build_module` builds it."""
+        return QwenImage.build_module(model_config, torch_dtype)
+
+    @classmethod
     def build_scheduler(cls, model_config: DiffusionModelConfig) -> FlowMatchEulerDiscreteScheduler:
         """Diffusers' flow-match Euler scheduler of the checkpoint, with its training schedule.
 
