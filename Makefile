@@ -90,7 +90,7 @@ $(VERL_OMNI_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
 
 # Skips (exit 0, one line saying why) without the verl and verl-omni sources: set VERL_SRC and
 # VERL_OMNI_SRC (defaults ../shared/verl and ../shared/verl-omni). Runs the plugin's component tier on
-# vllm-omni 0.27.0rc1, then the verl-omni tier, whose whole training runs take about 15 minutes.
+# vllm-omni 0.27.0rc1, then the verl-omni tier, about 10 minutes with its whole training runs.
 test-verl-omni:
 	@if [ ! -d "$(VERL_OMNI_SRC)/verl_omni" ] || [ ! -d "$(VERL_SRC)/verl" ]; then \
 		echo "test-verl-omni: SKIPPED: no verl or verl-omni source (set VERL_SRC and VERL_OMNI_SRC; defaults ../shared/verl, ../shared/verl-omni)"; \
