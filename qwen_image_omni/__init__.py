@@ -4,7 +4,7 @@ The text RoPE length is taken from the width of ``encoder_hidden_states``, never
 length argument, so padded prompts give the same numbers everywhere.
 """
 
-from .transformer import QwenImageTransformer2DModel
+from .models import QwenImageTransformer2DModel
 
 __all__ = ["QwenImageTransformer2DModel"]
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .legacy import legacy_forward
-from .transformer import QwenImageTransformer2DModel
+from .models import QwenImageTransformer2DModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

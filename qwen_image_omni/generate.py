@@ -27,7 +27,7 @@ from diffusers.utils import is_accelerate_available
 from packaging.version import Version
 
 from .cli import DIFFUSERS_WEIGHTS, check_transformer_folder, check_weights, read_json, summarize
-from .transformer import QwenImageTransformer2DModel
+from .models import QwenImageTransformer2DModel
 
 PIPELINE_CLASS = "QwenImagePipeline"
 COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")

@@ -1,10 +1,10 @@
-"""qwen_image_omni.rope against diffusers' RoPE modules: same bits, no 4096-row cap, cached per device."""
+"""qwen_image_omni.models.rope_qwenimage against diffusers' RoPE modules: same bits, no 4096-row cap, cached per device."""
 
 import pytest
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope as DiffusersRope
 
-from qwen_image_omni.rope import QwenEmbedRope, normalize_img_shapes
+from qwen_image_omni.models.rope_qwenimage import QwenEmbedRope, normalize_img_shapes
 
 AXES = [16, 56, 56]
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ from diffusers import QwenImageTransformer2DModel as DiffusersQwenImageTransform
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import qwen_image_omni.transformer as transformer_module
+import qwen_image_omni.models.transformer_qwenimage as transformer_module
 from qwen_image_omni import QwenImageTransformer2DModel
 
 from .tiny import TINY_CONFIG, make_inputs, make_pair, run

@@ -256,7 +256,7 @@ def own(checkpoint, adapters, tmp_path_factory) -> dict:
 @pytest.mark.vllm_omni_engine
 @needs_engine
 def test_static_lora_engine_starts_on_our_transformer_with_the_adapter_loaded(ours, own, adapters):
-    assert ours["steps"][0]["rpc"][0][0]["transformer"] == "qwen_image_omni.transformer.QwenImageTransformer2DModel"
+    assert ours["steps"][0]["rpc"][0][0]["transformer"] == "qwen_image_omni.models.transformer_qwenimage.QwenImageTransformer2DModel"
     assert own["steps"][0]["rpc"][0][0]["transformer"].startswith("vllm_omni.")
     static_id = stable_lora_int_id(str(adapters["shared"]))
     # vllm-omni loads the static adapter at start; the engine's start-up run (no LoRARequest) then

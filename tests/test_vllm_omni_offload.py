@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not has_cpu_platform(), reason="needs the test CPU platform (make test-vllm-omni)"),
 ]
 
-OUR_TRANSFORMER = "qwen_image_omni.transformer.QwenImageTransformer2DModel"
+OUR_TRANSFORMER = "qwen_image_omni.models.transformer_qwenimage.QwenImageTransformer2DModel"
 SAMPLING = {"height": 64, "width": 64, "num_inference_steps": 2, "seed": 0}
 # vllm-omni's log lines when layerwise offload finds no blocks on a transformer.
 OFFLOAD_SKIPPED = ("No _layerwise_offload_blocks_attrs defined", "Target layers (blocks) not found")

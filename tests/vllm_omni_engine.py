@@ -27,7 +27,7 @@ ENGINE_TIMEOUT_S = 600
 
 OURS = {
     "pipeline": "qwen_image_omni.integrations.vllm_omni.QwenImagePipeline",
-    "transformer": "qwen_image_omni.transformer.QwenImageTransformer2DModel",
+    "transformer": "qwen_image_omni.models.transformer_qwenimage.QwenImageTransformer2DModel",
 }
 """What ``probe_pipeline`` answers for a text-to-image engine that serves our transformer."""
 VLLM_OMNI_OWN = {

@@ -71,7 +71,7 @@ from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image_layered import (
     get_qwen_image_layered_pre_process_func,
 )
 
-from ..transformer import QwenImageTransformer2DModel
+from ..models import QwenImageTransformer2DModel
 from .vllm_omni_features import features_handed_to_vllm_omni
 from .vllm_omni_linear import diffusers_parameter_name, use_vllm_linear_layers
 from .vllm_omni_parallel import route_attention_through_vllm_omni, wants_vllm_omni_attention

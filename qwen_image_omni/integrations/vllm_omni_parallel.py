@@ -41,7 +41,7 @@ from vllm_omni.diffusion.attention.layer import Attention as OmniAttention
 from vllm_omni.diffusion.distributed.sp_plan import SequenceParallelInput, SequenceParallelOutput
 from vllm_omni.diffusion.forward_context import get_forward_context, is_forward_context_available
 
-from ..transformer import QwenDoubleStreamAttnProcessor, QwenImageTransformer2DModel
+from ..models.transformer_qwenimage import QwenDoubleStreamAttnProcessor, QwenImageTransformer2DModel
 
 # Under "vllm." so vllm's logging config (INFO, its format) applies; a bare name would drop INFO lines.
 logger = init_logger(f"vllm.{__name__}")
@@ -72,7 +72,7 @@ def _sequence_parallel_size(od_config) -> int:
 
 
 class VllmOmniDoubleStreamAttnProcessor(QwenDoubleStreamAttnProcessor, nn.Module):
-    """:class:`~qwen_image_omni.transformer.QwenDoubleStreamAttnProcessor` attending through vllm-omni's ``Attention``.
+    """:class:`~qwen_image_omni.models.transformer_qwenimage.QwenDoubleStreamAttnProcessor` attending through vllm-omni's ``Attention``.
 
     An ``nn.Module`` so diffusers' ``Attention`` registers it (and the vllm-omni layer in it) as a
     child; neither holds parameters or buffers.

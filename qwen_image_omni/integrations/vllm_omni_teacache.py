@@ -24,7 +24,7 @@ from vllm_omni.diffusion.cache.teacache import config as teacache_config
 from vllm_omni.diffusion.cache.teacache import extractors as teacache_extractors
 from vllm_omni.diffusion.cache.teacache.extractors import CacheContext
 
-from ..transformer import QwenImageTransformer2DModel, _modulate
+from ..models.transformer_qwenimage import QwenImageTransformer2DModel, _modulate
 
 __all__ = ["extract_teacache_context", "register_teacache_extractor", "teacache_coefficients"]
 

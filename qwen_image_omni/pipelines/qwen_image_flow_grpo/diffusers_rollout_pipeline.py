@@ -12,7 +12,7 @@ import torch
 from diffusers import QwenImagePipeline
 from diffusers.models.modeling_utils import ModelMixin
 
-from ...transformer import QwenImageTransformer2DModel
+from ...models import QwenImageTransformer2DModel
 from ..model_base import VllmOmniPipelineBase
 from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
 from .common import OUTPUT_TYPES, _check_rollout_scales, sde_scheduler

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ...transformer import QwenImageTransformer2DModel
+from ...models import QwenImageTransformer2DModel
 from ..checks import check_int
 from ..config import DiffusionModelConfig
 from ..model_base import DiffusionModelBase

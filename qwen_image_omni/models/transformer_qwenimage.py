@@ -37,8 +37,8 @@ from diffusers.utils import apply_lora_scale
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 from packaging.version import Version
 
-from .kernels import joint_qk_norm_rope
-from .rope import QwenEmbedRope, normalize_img_shapes
+from ..kernels import joint_qk_norm_rope
+from .rope_qwenimage import QwenEmbedRope, normalize_img_shapes
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # diffusers' layerwise casting stores weights in one dtype and computes in another (its hook's name).
