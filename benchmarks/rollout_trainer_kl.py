@@ -6,7 +6,7 @@ a width W (64, 256, 1024), valid tokens first ("right") or last ("left"), under 
 
 - ``ours``: the transformer sizes the text RoPE table by the tensor width;
 - ``legacy``: vllm-omni's ``max(mask.sum())`` per CFG branch, with the "kernel" flavour of
-  ``qwen_image_omni.legacy`` (positions past the table stay unrotated; "native" raises).
+  ``qwen_image_omni.check.legacy`` (positions past the table stay unrotated; "native" raises).
 
 The trainer (always ours) re-scores every SDE step with ``QwenImage.prepare_model_inputs`` +
 ``forward_and_sample_previous_step``. Right padding: on the embeddings re-collated without

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import random
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from diffusers import QwenImagePipeline
 from diffusers.utils import is_accelerate_available
 from packaging.version import Version
 
-from .cli import DIFFUSERS_WEIGHTS, check_transformer_folder, check_weights, read_json, summarize
+from .checkpoint import DIFFUSERS_WEIGHTS, check_transformer_folder, check_weights, read_json, summarize
 from .models import QwenImageTransformer2DModel
 
 PIPELINE_CLASS = "QwenImagePipeline"
@@ -54,7 +53,7 @@ def check_checkpoint(path: str) -> Path:
     Raises:
         ValueError: ``--model: ...`` when the path is missing or not a directory, has no
             ``model_index.json``, names another pipeline class, lacks a component folder, its
-            transformer config is invalid (:func:`~qwen_image_omni.cli.check_transformer_folder`),
+            transformer config is invalid (:func:`~qwen_image_omni.checkpoint.check_transformer_folder`),
             or the transformer, VAE or text encoder has no weights file.
     """
     root = Path(path)
@@ -95,25 +94,33 @@ def check_checkpoint(path: str) -> Path:
 
 
 def check_out(path: str) -> Path:
-    """The output path, after checking that it is a ``.png`` file that can be written.
+    """The output path, after checking that it is a ``.png`` file this process can write.
+
+    The file is opened for appending (and removed again if it was new): only writing tells, for
+    every user and file system (``os.access`` says yes to root on a read-only mount, and a folder
+    that cannot be searched makes even ``Path.exists`` raise).
 
     Raises:
         ValueError: ``--out: ...`` when the name does not end in ``.png``, the path is a directory,
-            its folder is missing or not writable, or the file exists and is not writable.
+            its folder is missing, or the file cannot be written there.
     """
     out = Path(path)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out: expected a .png file name, got {path!r}")
-    if out.is_dir():
-        raise ValueError(f"--out: {path!r} is a directory; expected a .png file name")
-    folder = out.parent
-    if not folder.is_dir():
-        what = "is not a directory" if folder.exists() else "does not exist"
-        raise ValueError(f"--out: cannot write {path!r}: {str(folder)!r} {what}")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise ValueError(f"--out: cannot write {path!r}: the file is not writable")
-    if not out.exists() and not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: cannot write {path!r}: {str(folder)!r} is not writable")
+    try:
+        if out.is_dir():
+            raise ValueError(f"--out: {path!r} is a directory; expected a .png file name")
+        folder = out.parent
+        if not folder.is_dir():
+            what = "is not a directory" if folder.exists() else "does not exist"
+            raise ValueError(f"--out: cannot write {path!r}: {str(folder)!r} {what}")
+        existed = out.exists()
+        with open(out, "ab"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as error:
+        raise ValueError(f"--out: cannot write {path!r}: {error.strerror or error}") from None
     return out
 
 

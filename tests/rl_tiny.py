@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qwen_image_omni.legacy import legacy_text_rope, legacy_txt_seq_len
+from qwen_image_omni.check.legacy import legacy_text_rope, legacy_txt_seq_len
 from qwen_image_omni.pipelines.config import DiffusionModelConfig
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import (
     QWEN_IMAGE_SCHEDULER_CONFIG,
@@ -166,7 +166,7 @@ def legacy_rope_per_call(model: nn.Module, mode: str = "kernel") -> Iterator[nn.
 
     Each call uses ``max(mask.sum(dim=1))`` of its own ``encoder_hidden_states_mask`` (so the
     positive and negative CFG branches get their own lengths, as vllm-omni threaded one length
-    list per branch), through :func:`qwen_image_omni.legacy.legacy_text_rope`.
+    list per branch), through :func:`qwen_image_omni.check.legacy.legacy_text_rope`.
     """
     calls = contextlib.ExitStack()
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from qwen_image_omni.pipelines.checks import MIN_NOISE_LEVEL
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler, FlowMatchSDEDiscreteSchedulerOutput
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QWEN_IMAGE_SCHEDULER_CONFIG  # Qwen/Qwen-Image's scheduler config
 
@@ -555,3 +556,41 @@ def test_loads_qwen_image_scheduler_folder_and_runs_a_rollout(tmp_path):
             prev_sample=pick(trajectory, 1), sde_type=sde_type,
         )[1]
         torch.testing.assert_close(log_prob, pick(log_probs), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the noise-level floor
+
+
+@pytest.mark.parametrize("sde_type", ["sde", "dance_sde"])
+def test_a_noise_level_below_the_floor_is_refused_where_the_log_prob_would_be_minus_inf(sde_type):
+    scheduler = qwen_image_scheduler(num_steps=50, image_seq_len=4096)
+    sample, model_output = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    t = scheduler.timesteps[0].expand(2)
+    with pytest.raises(ValueError, match=rf"^`noise_level` must be 0 \(the deterministic Euler step\) or >= 1e-06 "
+                                         rf"for sde_type='{sde_type}': .*got 1e-30$"):  # fmt: skip
+        scheduler.sample_previous_step(sample, model_output, t, noise_level=1e-30, sde_type=sde_type, prev_sample=sample)
+
+
+@pytest.mark.parametrize("sde_type", ["sde", "dance_sde"])
+def test_at_the_floor_a_scored_sample_has_a_finite_log_prob_at_every_step(sde_type):
+    scheduler = qwen_image_scheduler(num_steps=50, image_seq_len=4096)
+    generator = torch.Generator().manual_seed(0)
+    sample, model_output = torch.randn(2, 16, 8, generator=generator), torch.randn(2, 16, 8, generator=generator)
+    for t in scheduler.timesteps:
+        drawn, _, _, _ = scheduler.sample_previous_step(
+            sample, model_output, t.expand(2), noise_level=0.7, sde_type=sde_type, generator=generator
+        )
+        _, log_prob, _, _ = scheduler.sample_previous_step(
+            sample, model_output, t.expand(2), noise_level=MIN_NOISE_LEVEL, sde_type=sde_type, prev_sample=drawn
+        )
+        assert torch.isfinite(log_prob).all(), (t, log_prob)
+
+
+def test_cps_scores_without_a_variance_so_any_small_noise_level_is_taken():
+    scheduler = qwen_image_scheduler(num_steps=4, image_seq_len=16)
+    sample = torch.randn(2, 16, 8)
+    _, log_prob, _, _ = scheduler.sample_previous_step(
+        sample, torch.randn(2, 16, 8), scheduler.timesteps[0].expand(2), noise_level=1e-30, sde_type="cps",
+        prev_sample=sample,
+    )  # fmt: skip
+    assert torch.isfinite(log_prob).all()

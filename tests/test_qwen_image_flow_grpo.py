@@ -228,7 +228,9 @@ def test_prepare_model_inputs_errors_name_the_argument(pipe, change, match):
 
 
 @pytest.mark.parametrize(("step", "message"), [(1.0, "got float 1.0"), (True, "got bool True"),
-                                             (torch.tensor(1), "got Tensor tensor\\(1\\)")])
+                                             (torch.tensor(1.0), "got Tensor tensor\\(1\\.\\)"),
+                                             (torch.tensor([1]), "got Tensor tensor\\(\\[1\\]\\)"),
+                                             (torch.tensor(True), "got Tensor tensor\\(True\\)")])
 def test_step_must_be_an_int(pipe, step, message):
     latents, timesteps = _trajectory()
     prompt = collate(prompt_rows(PROMPT_LENGTHS, 1))
@@ -236,10 +238,11 @@ def test_step_must_be_an_int(pipe, step, message):
     with pytest.raises(TypeError, match=f"^`step` must be an int, {message}$"):
         QwenImage.prepare_model_inputs(pipe.transformer, config, latents, timesteps, prompt.embeds, prompt.mask,
                                        None, None, {}, step)  # fmt: skip
-    inputs, _ = QwenImage.prepare_model_inputs(
-        pipe.transformer, config, latents, timesteps, prompt.embeds, prompt.mask, None, None, {}, np.int64(1)
-    )
-    assert torch.equal(inputs["hidden_states"], latents[:, 1])
+    for integer in (np.int64(1), torch.tensor(1)):  # what indexing a step array or tensor gives
+        inputs, _ = QwenImage.prepare_model_inputs(
+            pipe.transformer, config, latents, timesteps, prompt.embeds, prompt.mask, None, None, {}, integer
+        )
+        assert torch.equal(inputs["hidden_states"], latents[:, 1])
     scheduler = QwenImage.build_scheduler(config)
     with pytest.raises(TypeError, match=f"^`step` must be an int, {message}$"):
         QwenImage.forward_and_sample_previous_step(

@@ -13,17 +13,28 @@ import numbers
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["check_image_size", "check_int", "check_noise_level", "check_number", "check_step"]
+__all__ = ["MIN_NOISE_LEVEL", "check_image_size", "check_int", "check_noise_level", "check_number", "check_step"]
+
+# The smallest positive noise level of the Gaussian SDE types (see check_noise_level): at it the noise std of a
+# Qwen-Image step is still above 1e-12, its variance far above float32's smallest normal number.
+MIN_NOISE_LEVEL = 1e-6
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` as an int if it is a Python or NumPy integer (not a bool) and ``>= minimum``.
+    """``value`` as an int if it is an integer (not a bool) and ``>= minimum``.
+
+    Integers are Python and NumPy ones and 0-d integer tensors (what indexing a step tensor gives).
 
     Raises:
-        TypeError: ``value`` is not an integer (a float such as ``1.0`` included).
+        TypeError: ``value`` is not an integer (a float such as ``1.0``, or a tensor with elements
+            that are not integers or more than one element, included).
         ValueError: ``value < minimum``.
     """
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point() and not value.is_complex():
+        if value.dtype != torch.bool:
+            value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
@@ -89,12 +100,21 @@ def check_noise_level(name: str, value: Any, sde_type: str) -> float:
 
     CPS draws its noise with std ``sigma' * sin(eta * pi / 2)``, which only grows up to ``eta = 1``;
     past it the noise shrinks again (``eta = 2`` is deterministic) and turns negative past 2.
+    ``"sde"`` and ``"dance_sde"`` score a sample with a Gaussian log-density that divides by the
+    noise variance: below :data:`MIN_NOISE_LEVEL` (and above 0, the deterministic Euler step) that
+    variance underflows float32 and the log-prob of any sample but the mean is ``-inf``.
 
     Raises:
         TypeError: not a number.
-        ValueError: NaN, infinite, negative, or above 1 for ``"cps"``.
+        ValueError: NaN, infinite, negative, above 1 for ``"cps"``, or between 0 and
+            :data:`MIN_NOISE_LEVEL` for ``"sde"`` and ``"dance_sde"``.
     """
     value = check_number(name, value, 0.0)
+    if sde_type != "cps" and 0 < value < MIN_NOISE_LEVEL:
+        raise ValueError(
+            f"{name} must be 0 (the deterministic Euler step) or >= {MIN_NOISE_LEVEL:g} for sde_type={sde_type!r}: "
+            f"below that its Gaussian log-prob divides by a noise variance that float32 cannot hold, got {value:g}"
+        )
     if sde_type == "cps" and value > 1:
         raise ValueError(
             f"{name} must be <= 1 for sde_type='cps' (its noise std is sigma' * sin(noise_level * pi / 2)), "

@@ -18,7 +18,7 @@ from qwen_image_omni import QwenImageTransformer2DModel
 from qwen_image_omni.cli import finite_float, main, seed
 from qwen_image_omni.generate import load_pipeline
 
-from .tiny_checkpoint import TEXT_DIM
+from tests.tiny_checkpoint import TEXT_DIM
 
 
 def generate_argv(model, out, *extra) -> list[str]:
@@ -126,6 +126,37 @@ def test_out_must_be_a_writable_png(checkpoint, tmp_path, capsys):
     assert_usage_error(generate_argv(checkpoint, tmp_path / "file" / "x.png"), capsys, "--out: ")
     (tmp_path / "dir.png").mkdir()
     assert_usage_error(generate_argv(checkpoint, tmp_path / "dir.png"), capsys, "--out: ")
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fails the test if the pipeline loads: argument errors must come before the (slow) load."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before --out was checked")
+
+    monkeypatch.setattr("qwen_image_omni.generate.load_pipeline", fail)
+
+
+def test_out_in_a_folder_that_cannot_be_written_is_one_line_before_the_load(checkpoint, capsys, no_load):
+    # /sys refuses new files to every user, root included (os.access says yes to root).
+    err = assert_usage_error(generate_argv(checkpoint, "/sys/x.png"), capsys, "--out: cannot write '/sys/x.png': ")
+    assert "Traceback" not in err
+
+
+def test_out_under_a_folder_that_cannot_be_searched_is_one_line(checkpoint, tmp_path, capsys, monkeypatch, no_load):
+    def unsearchable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr("pathlib.Path.stat", unsearchable)  # what a non-root user meets in a folder mode 0700
+    assert_usage_error(generate_argv(checkpoint, tmp_path / "x.png"), capsys, "--out: cannot write ")
+
+
+def test_out_check_leaves_no_file_behind(checkpoint, tmp_path):
+    from qwen_image_omni.generate import check_out
+
+    assert check_out(str(tmp_path / "x.png")) == tmp_path / "x.png"
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_size_must_be_a_multiple_of_16(checkpoint, tmp_path, capsys):
