@@ -164,7 +164,7 @@ def describe(versions: dict[str, str]) -> str:
 def cuda_test_files() -> list[str]:
     """Test modules that hold ``cuda``-marked tests: only these are collected, so that a module that
     cannot import on the GPU machine's packages (and holds no GPU test) stops nothing."""
-    modules = TESTS.glob("test_*.py")
+    modules = TESTS.rglob("test_*.py")
     return sorted(str(p.relative_to(REPO)) for p in modules if "mark.cuda" in p.read_text(encoding="utf-8"))
 
 

@@ -7,7 +7,7 @@ A program covers a ``[BLOCK_T tokens, BLOCK_H heads, BLOCK_D]`` tile, contiguous
 its heads and for both q and k. The rotation reshapes a tile to ``[..., D/2, 2]`` (re, im) pairs and
 uses ``tl.split`` / ``tl.join``. Any even ``D`` works: ``BLOCK_D = 2 * next_power_of_2(D / 2)``, masked.
 
-Numerics follow diffusers' rounding chain (see ``torch_ops.rms_norm`` and ``torch_ops.rope``):
+Numerics follow the reference's rounding chain (``reference.rms_norm`` and ``reference.rope``):
 variance and ``x * rstd`` in fp32; for half weights round to the weight dtype, multiply, round again;
 rotate in fp32 with every product rounded on its own (kernels launch with ``enable_fp_fusion=False``,
 so no FMA contraction); round once to the output dtype. bf16 rounding is done by hand with the
@@ -37,7 +37,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["joint_qk_norm_rope_triton", "triton_supports"]
+__all__ = [
+    "Tiles",
+    "joint_qk_norm_rope_bwd_kernel",
+    "joint_qk_norm_rope_fwd_kernel",
+    "joint_qk_norm_rope_triton",
+    "plan_tiles",
+    "triton_supports",
+]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' ROUND constexpr
@@ -141,7 +148,7 @@ def _unrotate_norm_backward_tile(g_ptr, x_ptr, rstd_ptr, dx_ptr, g_offs, x_offs,
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _joint_qk_norm_rope_fwd_kernel(
+def joint_qk_norm_rope_fwd_kernel(
     q_ptr, k_ptr, wq_ptr, wk_ptr, freqs_ptr,  # one stream's inputs; freqs: fp32 view_as_real [S, D/2, 2]
     out_q_ptr, out_k_ptr, rstd_q_ptr, rstd_k_ptr,  # joint outputs [B, S_joint, H, D] and rstd [B, S_joint, H]
     seq_len, heads, out_row0,  # this stream's tokens start at joint row out_row0
@@ -179,7 +186,7 @@ def _joint_qk_norm_rope_fwd_kernel(
 
 
 @triton.jit
-def _joint_qk_norm_rope_bwd_kernel(
+def joint_qk_norm_rope_bwd_kernel(
     gq_ptr, gk_ptr, q_ptr, k_ptr, wq_ptr, wk_ptr, freqs_ptr, rstd_q_ptr, rstd_k_ptr,
     dq_ptr, dk_ptr, dwq_ptr, dwk_ptr,  # dq, dk: [B, S, H, D] contiguous; dwq, dwk: fp32 partials [programs, D]
     seq_len, heads, out_row0, tiles_per_program,
@@ -233,10 +240,12 @@ def _joint_qk_norm_rope_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- launch plan
-_INTERPRETED = not isinstance(_joint_qk_norm_rope_fwd_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1
+_INTERPRETED = not isinstance(joint_qk_norm_rope_fwd_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1
 
 
-class _Tiles(NamedTuple):
+class Tiles(NamedTuple):
+    """The kernels' launch plan for one head count and head dim (``plan_tiles``)."""
+
     block_t: int  # tokens per forward tile
     block_h: int  # heads per tile
     bwd_block_t: int  # tokens per backward tile (it holds more live values: smaller keeps registers ~128 on H100)
@@ -244,24 +253,26 @@ class _Tiles(NamedTuple):
     num_warps: int
 
 
-def _tiles(heads: int, head_dim: int, *, gpu: bool = not _INTERPRETED) -> _Tiles:
-    """Tile sizes. GPUs: a head block dividing H (8 of 24) and about 4K elements per forward tile
-    (2K backward), no register spills on sm_90 at D = 128. The interpreter (about 5-30 ms per program
-    instance): large tiles, all heads at once."""
+def plan_tiles(heads: int, head_dim: int, *, gpu: bool = not _INTERPRETED) -> Tiles:
+    """The launch plan for ``heads`` x ``head_dim`` (``gpu`` defaults to "not interpreted").
+
+    GPUs: a head block dividing H (8 of 24) and about 4K elements per forward tile (2K backward), no
+    register spills on sm_90 at D = 128. The interpreter (about 5-30 ms per program instance): large
+    tiles, all heads at once."""
     cap = 8 if gpu else 32
     if heads <= cap:
         block_h = triton.next_power_of_2(heads)  # e.g. 3 -> 4, the fourth head masked
     else:
         block_h = max(b for b in (1, 2, 4, 8, 16, 32) if b <= cap and heads % b == 0)
     if not gpu:
-        return _Tiles(block_t=32, block_h=block_h, bwd_block_t=32, tiles_per_program=1, num_warps=4)
+        return Tiles(block_t=32, block_h=block_h, bwd_block_t=32, tiles_per_program=1, num_warps=4)
     block_t = max(1, 4096 // (block_h * 2 * triton.next_power_of_2(head_dim // 2)))
     bwd_block_t = max(1, block_t // 2)
-    return _Tiles(block_t=block_t, block_h=block_h, bwd_block_t=bwd_block_t,
-                  tiles_per_program=max(1, 16 // bwd_block_t), num_warps=4)
+    return Tiles(block_t=block_t, block_h=block_h, bwd_block_t=bwd_block_t,
+                 tiles_per_program=max(1, 16 // bwd_block_t), num_warps=4)
 
 
-def _launch_options(tiles: _Tiles) -> dict:
+def _launch_options(tiles: Tiles) -> dict:
     # The interpreter ignores these; on GPUs enable_fp_fusion=False keeps a*b - c*d from becoming FMAs.
     return dict(num_warps=tiles.num_warps, enable_fp_fusion=False)
 
@@ -290,7 +301,7 @@ def _joint_qk_norm_rope_op(
     joint_k = torch.empty_like(joint_q)
     rstd_q = img_q.new_empty(batch, s_txt + s_img, heads, dtype=torch.float32)
     rstd_k = torch.empty_like(rstd_q)
-    tiles = _tiles(heads, head_dim)
+    tiles = plan_tiles(heads, head_dim)
     streams = (
         (txt_q, txt_k, txt_q_weight, txt_k_weight, txt_freqs, 0),
         (img_q, img_k, img_q_weight, img_k_weight, img_freqs, s_txt),
@@ -299,7 +310,7 @@ def _joint_qk_norm_rope_op(
         seq = x_q.shape[1]
         table, strides = _stream_args(x_q, x_k, freqs)
         grid = (triton.cdiv(seq, tiles.block_t), triton.cdiv(heads, tiles.block_h), batch)
-        _joint_qk_norm_rope_fwd_kernel[grid](
+        joint_qk_norm_rope_fwd_kernel[grid](
             x_q, x_k, x_q if w_q is None else w_q, x_k if w_k is None else w_k, table,
             joint_q, joint_k, rstd_q, rstd_k, seq, heads, row0,
             *strides, *_heads_strides(joint_q), rstd_q.stride(0), rstd_q.stride(1),
@@ -329,7 +340,7 @@ def _joint_qk_norm_rope_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: gradients of ``img_q, img_k, txt_q, txt_k`` and of the four weights (empty for None)."""
     batch, s_img, heads, head_dim = img_q.shape
-    tiles = _tiles(heads, head_dim)
+    tiles = plan_tiles(heads, head_dim)
     grads = {}
     streams = (
         ("txt", txt_q, txt_k, txt_q_weight, txt_k_weight, txt_freqs, 0),
@@ -343,7 +354,7 @@ def _joint_qk_norm_rope_backward_op(
         programs = grid[0] * grid[1] * grid[2]
         partials = [x_q.new_empty((programs, head_dim) if w is not None else (0,), dtype=torch.float32)
                     for w in (w_q, w_k)]
-        _joint_qk_norm_rope_bwd_kernel[grid](
+        joint_qk_norm_rope_bwd_kernel[grid](
             grad_q, grad_k, x_q, x_k, x_q if w_q is None else w_q, x_k if w_k is None else w_k, table,
             rstd_q, rstd_k, dq, dk, partials[0], partials[1],
             seq, heads, row0, tiles.tiles_per_program,

@@ -1,21 +1,18 @@
 """Eager PyTorch backend of ``joint_qk_norm_rope``.
 
-It reproduces, bit for bit where the op order allows, what diffusers'
-``QwenDoubleStreamAttnProcessor2_0`` does to q and k::
-
-    RMSNorm (if the weight is not None) -> apply_rotary_emb_qwen(use_real=False) -> cat([text, image], dim=1)
-
+It reproduces, bit for bit where the op order allows, ``reference.joint_qk_norm_rope_reference``
+(diffusers' q/k RMSNorm -> ``apply_rotary_emb_qwen(use_real=False)`` -> ``cat([text, image], dim=1)``).
 Three paths compute the same numbers:
 
 * ``_joint_fast``: no autograd, eager only. It writes straight into the preallocated joint output
   and walks the tokens in chunks small enough that the intermediate passes stay in cache.
 * ``JointQKNormRopeFunction``: the eager training path, an ``autograd.Function`` whose forward is
   ``_joint_fast`` (also saving the fp32 ``rstd``) and whose backward walks the same chunks, replaying
-  the rounding chain autograd follows through diffusers' ops.
-* ``_joint_differentiable``: plain functional ops, used under ``torch.compile`` (inductor fuses it by
-  itself), under ``torch.func`` transforms and when the RoPE tables themselves need a gradient.
+  the rounding chain autograd follows through the reference's ops.
+* the reference itself, used under ``torch.compile`` (inductor fuses it by itself), under
+  ``torch.func`` transforms and when the RoPE tables themselves need a gradient.
 
-Input validation lives in ``qwen_image_omni.kernels``; this module assumes valid inputs.
+Input validation lives in ``qk_norm_rope``; this module assumes valid inputs.
 """
 
 from __future__ import annotations
@@ -23,61 +20,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .reference import joint_qk_norm_rope_reference
+
+__all__ = ["CPU_CHUNK_ELEMENTS_PER_THREAD", "JointQKNormRopeFunction", "chunk_rows", "joint_qk_norm_rope_torch"]
+
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # CPU chunk size: 2**18 fp32 values (1 MiB) per intra-op thread and scratch buffer, so the few
 # buffers a chunk uses stay in cache while the ~7 forward / ~14 backward elementwise passes run over
 # them. Smaller chunks lose more to per-op overhead; the whole tensor would go through DRAM on every pass.
-_CPU_CHUNK_ELEMENTS_PER_THREAD = 1 << 18
+CPU_CHUNK_ELEMENTS_PER_THREAD = 1 << 18
 
 
-def norm_dtype(x_dtype: torch.dtype, weight: Tensor | None) -> torch.dtype:
-    """Dtype diffusers' ``RMSNorm`` (or its absence when ``weight`` is None) gives, kept by RoPE."""
+def _norm_dtype(x_dtype: torch.dtype, weight: Tensor | None) -> torch.dtype:
+    """Dtype ``rms_norm`` (or its absence when ``weight`` is None) gives, kept by ``rope``."""
     if weight is None:
         return x_dtype
     if weight.dtype in _HALF_DTYPES:
         return weight.dtype
     # x * rsqrt(fp32 variance) is fp32 for every allowed x dtype; fp32 * fp32 weight stays fp32.
     return torch.promote_types(torch.float32, weight.dtype)
-
-
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """diffusers' ``RMSNorm.forward`` (non-NPU branch); ``weight=None`` means no norm at all."""
-    if weight is None:
-        return x
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    y = x * torch.rsqrt(variance + eps)
-    if weight.dtype in _HALF_DTYPES:
-        y = y.to(weight.dtype)
-    return y * weight
-
-
-def rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """``apply_rotary_emb_qwen(x, freqs, use_real=False)`` in real arithmetic.
-
-    ``x`` is ``[B, S, H, D]``, ``freqs`` complex ``[S, D/2]``. The complex product is spelled out
-    as (re*cos - im*sin, re*sin + im*cos), each product rounded on its own like PyTorch's
-    vectorized complex multiply, so it matches the reference exactly for D/2 a multiple of the
-    SIMD width, and real ops keep it differentiable and compilable.
-    """
-    table = torch.view_as_real(freqs).unsqueeze(1)  # [S, 1, D/2, 2]
-    cos, sin = table[..., 0], table[..., 1]
-    pairs = x.float().unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
-
-
-def _joint_differentiable(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs, eps):
-    """The functional path: autograd-friendly and traceable by ``torch.compile(fullgraph=True)``."""
-    w_img_q, w_img_k, w_txt_q, w_txt_k = weights
-    joint_q = torch.cat(
-        [rope(rms_norm(txt_q, w_txt_q, eps), txt_freqs), rope(rms_norm(img_q, w_img_q, eps), img_freqs)], dim=1
-    )
-    joint_k = torch.cat(
-        [rope(rms_norm(txt_k, w_txt_k, eps), txt_freqs), rope(rms_norm(img_k, w_img_k, eps), img_freqs)], dim=1
-    )
-    return joint_q, joint_k
 
 
 def _complex_viewable(x: Tensor) -> bool:
@@ -116,7 +78,7 @@ def _norm_rope_chunk(
     ``rstd`` (``[n, H, 1]`` fp32) receives the RMSNorm's ``rsqrt(variance + eps)`` when given.
     """
     n = x.shape[0]
-    part_dtype = norm_dtype(x.dtype, weight)
+    part_dtype = _norm_dtype(x.dtype, weight)
     # xf is x.float(); fp32 inputs are used in place (strided views are fine for the norm ops).
     xf = x if x.dtype == torch.float32 else buf.get("xf", n).copy_(x)
     if weight is None:
@@ -164,11 +126,14 @@ def _norm_rope_into(
         _norm_rope_chunk(out[b, rows], x[b, rows], weight, freqs[rows], eps, buf, rstd_chunk)
 
 
-def _chunk_rows(x: Tensor, seq: int) -> int:
-    """Tokens per chunk: cache-sized on CPU; one chunk per tensor elsewhere (no cache to win there)."""
+def chunk_rows(x: Tensor, seq: int) -> int:
+    """Tokens per chunk of the eager paths for inputs like ``x`` (``seq`` joint tokens).
+
+    Cache-sized on CPU (``CPU_CHUNK_ELEMENTS_PER_THREAD``); one chunk per tensor elsewhere (no cache to win there).
+    """
     if x.device.type != "cpu":
         return max(1, seq)
-    return max(1, _CPU_CHUNK_ELEMENTS_PER_THREAD * torch.get_num_threads() // (x.shape[2] * x.shape[3]))
+    return max(1, CPU_CHUNK_ELEMENTS_PER_THREAD * torch.get_num_threads() // (x.shape[2] * x.shape[3]))
 
 
 def _joint_fast(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs, eps, rstds=(None,) * 4):
@@ -181,14 +146,17 @@ def _joint_fast(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs, eps, 
     r_img_q, r_img_k, r_txt_q, r_txt_k = rstds
     batch, s_img, heads, head_dim = img_q.shape
     s_txt = txt_q.shape[1]
-    buf = _Scratch(_chunk_rows(img_q, s_img + s_txt), heads, head_dim, img_q.device)
+    buf = _Scratch(chunk_rows(img_q, s_img + s_txt), heads, head_dim, img_q.device)
+    # Strided tables would send the complex multiply down PyTorch's scalar loop, which may contract
+    # FMAs; its vectorized loop rounds each product as the reference does.
+    img_freqs, txt_freqs = img_freqs.contiguous(), txt_freqs.contiguous()
     streams = (
         ((txt_q, w_txt_q, r_txt_q), (img_q, w_img_q, r_img_q)),
         ((txt_k, w_txt_k, r_txt_k), (img_k, w_img_k, r_img_k)),
     )
     outputs = []
     for (txt, w_txt, r_txt), (img, w_img, r_img) in streams:
-        dtype = torch.promote_types(norm_dtype(txt.dtype, w_txt), norm_dtype(img.dtype, w_img))
+        dtype = torch.promote_types(_norm_dtype(txt.dtype, w_txt), _norm_dtype(img.dtype, w_img))
         joint = torch.empty(batch, s_txt + s_img, heads, head_dim, dtype=dtype, device=img.device)
         _norm_rope_into(joint[:, :s_txt], txt, w_txt, txt_freqs, eps, buf, r_txt)
         _norm_rope_into(joint[:, s_txt:], img, w_img, img_freqs, eps, buf, r_img)
@@ -209,14 +177,14 @@ def _norm_rope_backward_chunk(
     """Backward of ``rope(rms_norm(x))`` for one chunk ``[n, H, D]``.
 
     Fills ``grad_x`` (when not None) and returns this chunk's weight gradient, an fp32 ``[D]`` sum,
-    when ``weight_grad`` (else None). It rounds wherever autograd through diffusers' ops rounds: the
+    when ``weight_grad`` (else None). It rounds wherever autograd through the reference's ops rounds: the
     output gradient to the part's dtype (cat's backward), the rotated gradient to the part's dtype
     (rope's ``.float()``), ``g * weight`` and ``g * (x * rstd)`` in the part's dtype (RMSNorm's weight
     multiply), and the two x-gradient terms, through ``x * rstd`` and through
     ``x.float().pow(2).mean()``, each to x's dtype before they are summed in x's dtype.
     """
     n, _, head_dim = x.shape
-    part_dtype = norm_dtype(x.dtype, weight)
+    part_dtype = _norm_dtype(x.dtype, weight)
     if grad.dtype != part_dtype:
         grad = buf.get("grad", n, part_dtype).copy_(grad)
     rotated = buf.get("rotated", n)
@@ -286,10 +254,9 @@ class JointQKNormRopeFunction(torch.autograd.Function):
     The forward saves the inputs by reference and the fp32 ``rstd`` per (token, head) of each
     normalised input; the backward walks the same cache-sized chunks, writes each input gradient
     straight into its buffer and sums the chunks' fp32 weight-gradient partials in one reduction
-    (deterministic: no atomics, a fixed order). The
-    gradients equal autograd through diffusers' ``RMSNorm`` + ``apply_rotary_emb_qwen`` + ``torch.cat``
+    (deterministic: no atomics, a fixed order). The gradients equal autograd through the reference
     (see ``_norm_rope_backward_chunk``). The RoPE tables get no gradient (callers that need one use
-    ``_joint_differentiable``). Not twice differentiable: a backward with ``create_graph=True`` raises.
+    the reference). Not twice differentiable: a backward with ``create_graph=True`` raises.
     """
 
     @staticmethod
@@ -320,9 +287,9 @@ class JointQKNormRopeFunction(torch.autograd.Function):
         img_q, _, txt_q, _ = inputs
         _, s_img, heads, head_dim = img_q.shape
         s_txt = txt_q.shape[1]
-        buf = _Scratch(_chunk_rows(img_q, s_img + s_txt), heads, head_dim, img_q.device)
-        # The conjugate tables, materialised once (the reference multiplies by freqs.conj() too).
-        conj = {"img": img_freqs.conj_physical(), "txt": txt_freqs.conj_physical()}
+        buf = _Scratch(chunk_rows(img_q, s_img + s_txt), heads, head_dim, img_q.device)
+        # The conjugate tables, materialised once and contiguous (see _joint_fast).
+        conj = {"img": img_freqs.contiguous().conj_physical(), "txt": txt_freqs.contiguous().conj_physical()}
         grads = [None] * 11
         for i, (x, weight, rstd) in enumerate(zip(inputs, weights, rstds)):
             joint_grad = grad_q if i % 2 == 0 else grad_k
@@ -361,15 +328,17 @@ def joint_qk_norm_rope_torch(
 
     Without autograd: the chunked no-grad path. With autograd: ``JointQKNormRopeFunction``,
     except under ``torch.compile``, under ``torch.func`` transforms or when a RoPE table needs a
-    gradient, which take the functional path. All give the diffusers numbers.
+    gradient, which run ``joint_qk_norm_rope_reference`` itself. All give the reference's numbers.
     """
+    acts = (img_q, img_k, txt_q, txt_k)
     weights = (img_q_weight, img_k_weight, txt_q_weight, txt_k_weight)
-    args = (img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs, eps)
-    if torch.compiler.is_compiling():
-        return _joint_differentiable(*args)
-    if not _needs_autograd((img_q, img_k, txt_q, txt_k, img_freqs, txt_freqs, *weights)):
-        return _joint_fast(*args)
-    # An autograd.Function without setup_context/vmap rules cannot run under torch.func transforms.
-    if img_freqs.requires_grad or txt_freqs.requires_grad or torch._C._are_functorch_transforms_active():
-        return _joint_differentiable(*args)
-    return JointQKNormRopeFunction.apply(img_q, img_k, txt_q, txt_k, *weights, img_freqs, txt_freqs, eps)
+    if not torch.compiler.is_compiling():
+        if not _needs_autograd((*acts, img_freqs, txt_freqs, *weights)):
+            return _joint_fast(*acts, weights, img_freqs, txt_freqs, eps)
+        # An autograd.Function without setup_context/vmap rules cannot run under torch.func transforms.
+        if not (img_freqs.requires_grad or txt_freqs.requires_grad or torch._C._are_functorch_transforms_active()):
+            return JointQKNormRopeFunction.apply(*acts, *weights, img_freqs, txt_freqs, eps)
+    return joint_qk_norm_rope_reference(
+        *acts, img_q_weight=img_q_weight, img_k_weight=img_k_weight, txt_q_weight=txt_q_weight,
+        txt_k_weight=txt_k_weight, img_freqs=img_freqs, txt_freqs=txt_freqs, eps=eps,
+    )

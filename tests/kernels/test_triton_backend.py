@@ -1,8 +1,8 @@
-"""Triton backend of ``joint_qk_norm_rope`` against the torch backend and diffusers' own modules.
+"""The Triton backend (``joint_qk_norm_rope_triton``) against the reference: outputs and gradients.
 
 Without a GPU the kernels run in the Triton interpreter (conftest sets ``TRITON_INTERPRET=1``) at
 about 30 ms per program instance here, so shapes stay small; the ``cuda`` tests repeat the
-comparisons at Qwen-Image shapes. Results differ from the torch backend only where the variance is
+comparisons at Qwen-Image shapes. Results differ from the reference only where the variance is
 summed in another order: a few fp32 ULPs in fp32 (about 84 % of elements bit-exact), and in bf16/fp16
 a rare flipped rounding (over 99.99 % bit-exact) that stays within 1 ULP of the (re, im) pair. With
 inputs whose variance is exact in any order, every dtype is bit-exact.
@@ -20,21 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_image_omni.kernels import triton_ops
-from qwen_image_omni.kernels.torch_ops import joint_qk_norm_rope_torch
-from qwen_image_omni.kernels.triton_ops import joint_qk_norm_rope_triton, triton_supports
+from qwen_image_omni.kernels import triton_backend
+from qwen_image_omni.kernels.triton_backend import joint_qk_norm_rope_triton, triton_supports
 
-from .test_qk_norm_rope import NAMES, WEIGHT_NAMES, diffusers_reference, make_inputs, ulp_distance
+from ..support.kernel_testing import NAMES, WEIGHT_NAMES, call, make_inputs, reference, ulp_distance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
-
-
-def call(fn, inputs, **kwargs):
-    """``fn(img_q, img_k, txt_q, txt_k, **weights, img_freqs=..., txt_freqs=...)`` from a ``make_inputs`` dict."""
-    inputs = dict(inputs)
-    acts = [inputs.pop(n) for n in NAMES]
-    return fn(*acts, **inputs, **kwargs)
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -64,20 +56,16 @@ def assert_close_to(out, ref, min_exact):
     return exact
 
 
-# fp32 differs from torch where the variance is summed in another order; halves hide that almost always.
+# fp32 differs from the reference where the variance is summed in another order; halves hide that almost always.
 MIN_EXACT = {torch.float32: 0.5, torch.bfloat16: 0.999, torch.float16: 0.999}
 
 
 def check_forward(inputs, eps=1e-6):
     got = call(joint_qk_norm_rope_triton, inputs, eps=eps)
-    with torch.no_grad():
-        expected_torch = call(joint_qk_norm_rope_torch, inputs, eps=eps)
-    expected_diffusers = diffusers_reference(inputs, eps=eps)
     batch, s_img, heads, head_dim = inputs["img_q"].shape
-    for g, rt, rd in zip(got, expected_torch, expected_diffusers):
+    for g, r in zip(got, reference(inputs, eps=eps)):
         assert g.shape == (batch, inputs["txt_q"].shape[1] + s_img, heads, head_dim) and g.is_contiguous()
-        assert_close_to(g, rt, MIN_EXACT[g.dtype])
-        assert_close_to(g, rd, MIN_EXACT[g.dtype])
+        assert_close_to(g, r, MIN_EXACT[g.dtype])
     return got
 
 
@@ -89,27 +77,25 @@ SHAPES = [(1, 1, 3, 64), (1, 13, 24, 128), (2, 1, 24, 128), (2, 13, 3, 128), (2,
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("batch, s_txt, heads, head_dim", SHAPES, ids=["-".join(map(str, s)) for s in SHAPES])
-def test_forward_matches_torch_and_diffusers(batch, s_txt, heads, head_dim, dtype):
+def test_forward_matches_the_reference(batch, s_txt, heads, head_dim, dtype):
     check_forward(make_inputs(batch=batch, s_txt=s_txt, heads=heads, head_dim=head_dim, dtype=dtype))
 
 
-def compare_with_references(inputs, dtype, label=""):
-    """Triton vs the torch backend and vs diffusers: assert closeness, print the bit-exact share and > 1 ULP share."""
+def compare_with_reference(inputs, dtype, label=""):
+    """Triton vs the reference: assert closeness, print the bit-exact share and > 1 ULP share."""
     got = call(joint_qk_norm_rope_triton, inputs)
-    with torch.no_grad():
-        ref_torch = call(joint_qk_norm_rope_torch, inputs)
-    for name, ref in (("torch backend", ref_torch), ("diffusers", diffusers_reference(inputs))):
-        exact = [assert_close_to(g, r, MIN_EXACT[dtype]) for g, r in zip(got, ref)]
-        over_one_ulp = [(ulp_distance(g, r) > 1).float().mean().item() if dtype != torch.float32 else 0.0
-                        for g, r in zip(got, ref)]
-        print(f"{label}{dtype} vs {name}: bit-exact q {exact[0]:.6f}, k {exact[1]:.6f}; "
-              f"> 1 ULP q {over_one_ulp[0]:.2e}, k {over_one_ulp[1]:.2e}")
+    ref = reference(inputs)
+    exact = [assert_close_to(g, r, MIN_EXACT[dtype]) for g, r in zip(got, ref)]
+    over_one_ulp = [(ulp_distance(g, r) > 1).float().mean().item() if dtype != torch.float32 else 0.0
+                    for g, r in zip(got, ref)]
+    print(f"{label}{dtype} vs the reference: bit-exact q {exact[0]:.6f}, k {exact[1]:.6f}; "
+          f"> 1 ULP q {over_one_ulp[0]:.2e}, k {over_one_ulp[1]:.2e}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_bit_exact_fraction_on_a_realistic_slice(dtype):
-    """Qwen-Image heads (24 x 128): report how many elements equal the torch backend and diffusers bit for bit."""
-    compare_with_references(make_inputs(batch=1, s_img=224, s_txt=32, heads=24, head_dim=128, dtype=dtype), dtype)
+    """Qwen-Image heads (24 x 128): report how many elements equal the reference bit for bit."""
+    compare_with_reference(make_inputs(batch=1, s_img=224, s_txt=32, heads=24, head_dim=128, dtype=dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -122,16 +108,12 @@ def test_head_dim_not_a_power_of_two(dtype):
 def test_gpu_tiles_in_the_interpreter(dtype, monkeypatch):
     """The GPU launch plan: 8-head blocks of 24 heads, 8-token forward tiles, 4-token backward tiles
     walked 4 per program."""
-    monkeypatch.setattr(triton_ops, "_tiles", functools.partial(triton_ops._tiles, gpu=True))
-    assert triton_ops._tiles(24, 64) == triton_ops._Tiles(block_t=8, block_h=8, bwd_block_t=4, tiles_per_program=4,
-                                                           num_warps=4)
+    monkeypatch.setattr(triton_backend, "plan_tiles", functools.partial(triton_backend.plan_tiles, gpu=True))
+    assert triton_backend.plan_tiles(24, 64) == triton_backend.Tiles(block_t=8, block_h=8, bwd_block_t=4,
+                                                                     tiles_per_program=4, num_warps=4)
     inputs = make_inputs(batch=1, s_img=21, s_txt=3, heads=24, head_dim=64, dtype=dtype, layout="fused")
     check_forward(inputs)
     check_gradients(inputs)
-
-
-def contiguous_copies(inputs):
-    return {n: t.contiguous() if t is not None else None for n, t in inputs.items()}
 
 
 @pytest.mark.parametrize("layout", ["fused", "odd"])
@@ -140,16 +122,8 @@ def test_strided_inputs(layout, dtype):
     """q/k sliced from a fused [B, S, 3, H, D] projection, or views at an odd offset; strided RoPE tables."""
     inputs = make_inputs(batch=2, dtype=dtype, layout=layout)
     assert not inputs["img_q"].is_contiguous() and not inputs["img_freqs"].is_contiguous()
-    got = call(joint_qk_norm_rope_triton, inputs)
-    with torch.no_grad():
-        ref_strided = call(joint_qk_norm_rope_torch, inputs)
-        ref_torch = call(joint_qk_norm_rope_torch, contiguous_copies(inputs))
-    ref_diffusers = diffusers_reference(contiguous_copies(inputs))  # view_as_complex rejects odd offsets
-    for g, rs, rt, rd in zip(got, ref_strided, ref_torch, ref_diffusers):
-        assert_close_to(g, rt, MIN_EXACT[dtype])
-        assert_close_to(g, rd, MIN_EXACT[dtype])
-        # Column-strided tables send PyTorch's complex multiply down a scalar loop that contracts FMAs.
-        assert_close_to(g, rs, min(MIN_EXACT[dtype], 0.99))
+    for g, r in zip(call(joint_qk_norm_rope_triton, inputs), reference(inputs)):
+        assert_close_to(g, r, MIN_EXACT[dtype])
 
 
 def exact_variance_inputs(**kwargs):
@@ -165,16 +139,12 @@ def exact_variance_inputs(**kwargs):
 @pytest.mark.parametrize("layout", ["unflatten", "fused", "odd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_bit_exact_when_the_variance_is_exact(dtype, layout):
-    """With the summation order out of the way, every dtype equals the torch backend and diffusers bit for bit:
+    """With the summation order out of the way, every dtype equals the reference bit for bit:
     the rounding chain, the rotation without FMAs and the hand-made rounding are exact."""
     inputs = exact_variance_inputs(batch=2, s_txt=13, heads=24, head_dim=128, dtype=dtype, layout=layout,
                                    none_weights=("txt_k_weight",))
-    got = call(joint_qk_norm_rope_triton, inputs)
-    with torch.no_grad():
-        ref_torch = call(joint_qk_norm_rope_torch, contiguous_copies(inputs))
-    ref_diffusers = diffusers_reference(contiguous_copies(inputs))
-    for g, rt, rd in zip(got, ref_torch, ref_diffusers):
-        assert torch.equal(g, rt) and torch.equal(g, rd)
+    for g, r in zip(call(joint_qk_norm_rope_triton, inputs), reference(inputs)):
+        assert torch.equal(g, r)
 
 
 @pytest.mark.parametrize(
@@ -184,15 +154,14 @@ def test_bit_exact_when_the_variance_is_exact(dtype, layout):
 def test_none_weights_skip_the_norm(none_weights, dtype):
     got = check_forward(make_inputs(dtype=dtype, none_weights=none_weights))
     if none_weights == WEIGHT_NAMES:  # no norm: pure rotation, bit-exact even in fp32
-        with torch.no_grad():
-            for g, r in zip(got, call(joint_qk_norm_rope_torch, make_inputs(dtype=dtype, none_weights=none_weights))):
-                assert torch.equal(g, r)
+        for g, r in zip(got, reference(make_inputs(dtype=dtype, none_weights=none_weights))):
+            assert torch.equal(g, r)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, about inf and NaN
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_non_finite_values_follow_torch(dtype):
-    """NaN, inf and squares that overflow fp32 give torch's results (NaN rows, zeros), normed or not."""
+def test_non_finite_values_follow_the_reference(dtype):
+    """NaN, inf and squares that overflow fp32 give the reference's results (NaN rows, zeros), normed or not."""
     inputs = exact_variance_inputs(s_img=5, s_txt=3, dtype=dtype, none_weights=("txt_q_weight",))
     big = torch.finfo(dtype).max
     with torch.no_grad():
@@ -200,10 +169,7 @@ def test_non_finite_values_follow_torch(dtype):
             inputs[name][0, 0, 0, 3] = float("nan")
             inputs[name][0, 1, 1, 4] = float("inf")
             inputs[name][0, 2, 2, :] = big  # x * x overflows: variance inf, rstd 0
-    got = call(joint_qk_norm_rope_triton, inputs)
-    with torch.no_grad():
-        expected = call(joint_qk_norm_rope_torch, inputs)
-    for g, r in zip(got, expected):
+    for g, r in zip(call(joint_qk_norm_rope_triton, inputs), reference(inputs)):
         torch.testing.assert_close(g, r, rtol=0, atol=0, equal_nan=True)
 
 
@@ -211,7 +177,7 @@ def test_outputs_are_fresh_and_inference_mode_works():
     inputs = make_inputs(dtype=torch.bfloat16, s_img=5, s_txt=2)
     with torch.inference_mode():
         q, k = call(joint_qk_norm_rope_triton, inputs)
-        ref = call(joint_qk_norm_rope_torch, inputs)
+        ref = reference(inputs)
     assert q.is_contiguous() and k.is_contiguous() and q.data_ptr() != k.data_ptr()
     assert torch.equal(q, ref[0]) and torch.equal(k, ref[1])
 
@@ -221,7 +187,7 @@ GRAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3
 
 
 def check_gradients(inputs, outputs_used=("q", "k")):
-    """Gradients of all activations and weights vs autograd through diffusers' modules.
+    """Gradients of all activations and weights vs autograd through the reference.
 
     For half dtypes the reference rounds every intermediate gradient to the half dtype while the
     kernel keeps fp32 until the final store, so both are also measured against fp32 autograd on the
@@ -237,13 +203,13 @@ def check_gradients(inputs, outputs_used=("q", "k")):
         return sum((o * g).sum() for name, o, g in (("q", q, grad_q), ("k", k, grad_k)) if name in outputs_used)
 
     grad = functools.partial(torch.autograd.grad, materialize_grads=True)  # zeros for leaves of unused outputs
-    expected = grad(loss(*diffusers_reference(tensors)), list(leaves.values()))
+    expected = grad(loss(*reference(tensors)), list(leaves.values()))
     q, k = call(joint_qk_norm_rope_triton, tensors)
     got = grad(loss(q, k), list(leaves.values()))
     accurate = expected
     if dtype != torch.float32:
         leaves32 = {n: t.detach().float().requires_grad_() for n, t in leaves.items()}
-        accurate = grad(loss(*diffusers_reference({n: leaves32.get(n, t) for n, t in inputs.items()})),
+        accurate = grad(loss(*reference({n: leaves32.get(n, t) for n, t in inputs.items()})),
                         list(leaves32.values()))
     tol = GRAD_TOLERANCE[dtype]
     for name, g, e, a in zip(leaves, got, expected, accurate):
@@ -283,7 +249,7 @@ def test_gradient_of_one_output_and_expanded_grads():
     inputs.update(zip((*NAMES, *WEIGHT_NAMES), leaves))
     q, _ = call(joint_qk_norm_rope_triton, inputs)
     got = torch.autograd.grad(q.sum(), leaves, materialize_grads=True)
-    q_ref, _ = diffusers_reference(inputs)
+    q_ref, _ = reference(inputs)
     expected = torch.autograd.grad(q_ref.sum(), leaves, materialize_grads=True)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
@@ -295,7 +261,7 @@ def test_weight_only_requires_grad():
     q, k = call(joint_qk_norm_rope_triton, inputs)
     assert q.requires_grad and k.requires_grad  # one op makes both; k's gradient to txt_q_weight is zero
     (grad,) = torch.autograd.grad(q.sum(), inputs["txt_q_weight"])
-    (expected,) = torch.autograd.grad(diffusers_reference(inputs)[0].sum(), inputs["txt_q_weight"])
+    (expected,) = torch.autograd.grad(reference(inputs)[0].sum(), inputs["txt_q_weight"])
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -342,7 +308,7 @@ import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qwen_image_omni.kernels import triton_ops
+from qwen_image_omni.kernels import triton_backend
 
 def ptx_ops(kernel, ptr, round_mode, half, block_half, has_w):
     fp32_ptrs = ("freqs_ptr", "rstd_q_ptr", "rstd_k_ptr", "dwq_ptr", "dwk_ptr")
@@ -359,7 +325,7 @@ def ptx_ops(kernel, ptr, round_mode, half, block_half, has_w):
     return sorted(op for op in ops if op in {"fma.rn.f32", "div.rn.f32", "ld.global.v4.b32", "st.global.v4.b32"}
                   or op.startswith("cvt.") and ".f16" in op and op.endswith(".f32"))
 
-fwd, bwd = triton_ops._joint_qk_norm_rope_fwd_kernel, triton_ops._joint_qk_norm_rope_bwd_kernel
+fwd, bwd = triton_backend.joint_qk_norm_rope_fwd_kernel, triton_backend.joint_qk_norm_rope_bwd_kernel
 print(repr({"fwd-bf16-d128": ptx_ops(fwd, "bf16", 1, 64, 64, True),
             "bwd-bf16-d128": ptx_ops(bwd, "bf16", 1, 64, 64, True),
             "fwd-fp16-d48-no-weight": ptx_ops(fwd, "fp16", 2, 24, 32, False)}))
@@ -384,7 +350,7 @@ def test_kernels_compile_for_sm90_without_fma():
     round-to-nearest-even fp16 conversions."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
-                            timeout=300, cwd=Path(__file__).resolve().parents[1])
+                            timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
     ops = ast.literal_eval(result.stdout.strip().splitlines()[-1])
     for name, found in ops.items():
@@ -434,7 +400,7 @@ def _qwen_image_inputs(dtype):
 def test_cuda_forward_at_qwen_image_shapes(dtype):
     inputs = _qwen_image_inputs(dtype)
     assert _supports(inputs) is None
-    compare_with_references(inputs, dtype, label="cuda ")
+    compare_with_reference(inputs, dtype, label="cuda ")
 
 
 @pytest.mark.cuda
