@@ -1,6 +1,6 @@
 """One rank of the 2-process CPU/gloo parallelism checks in ``tests/test_parallel.py``.
 
-Run as ``python -m tests.parallel_worker OUT_DIR`` with ``RANK``, ``WORLD_SIZE`` and ``INIT_FILE`` set
+Run as ``python -m tests.support.parallel_worker OUT_DIR`` with ``RANK``, ``WORLD_SIZE`` and ``INIT_FILE`` set
 (``launch`` does this). Every scenario in ``SCENARIOS`` runs in order on both ranks; each rank saves
 ``{scenario: result}`` to ``OUT_DIR/rank{RANK}.pt``, where a result is a dict of tensors, or
 ``{"error": "ExcType: message", "traceback": ...}`` when the scenario raised. The single-process references and the
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import ContextParallelConfig
 from diffusers.models import attention_dispatch
 
-from .tiny import TINY_CONFIG, make_inputs, make_pair
+from tests.tiny import TINY_CONFIG, make_inputs, make_pair
 
 WORLD_SIZE = 2
 TEXT_WIDTH = 8  # splits 4 + 4 over 2 ranks
@@ -368,7 +368,7 @@ def launch(out_dir: Path, timeout_s: float) -> list[dict]:
 
     Raises ``RuntimeError`` with the ranks' output if any rank fails or the run exceeds ``timeout_s``.
     """
-    repo_root = Path(__file__).resolve().parent.parent
+    repo_root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "WORLD_SIZE": str(WORLD_SIZE), "INIT_FILE": str(out_dir / "init"), "OMP_NUM_THREADS": "1"}
     logs = [out_dir / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
     procs = []
@@ -376,7 +376,7 @@ def launch(out_dir: Path, timeout_s: float) -> list[dict]:
         with open(log, "w") as handle:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.parallel_worker", str(out_dir)],
+                    [sys.executable, "-m", "tests.support.parallel_worker", str(out_dir)],
                     cwd=repo_root,
                     env={**env, "RANK": str(rank)},
                     stdout=handle,

@@ -52,8 +52,8 @@ from diffusers.pipelines.qwenimage import (
 )
 from PIL import Image
 
-from .tiny import make_pair
-from .tiny_checkpoint import TEXT_DIM, tiny_controlnet, tiny_text_encoder, tiny_tokenizer, tiny_vae
+from tests.tiny import make_pair
+from tests.tiny_checkpoint import TEXT_DIM, tiny_controlnet, tiny_text_encoder, tiny_tokenizer, tiny_vae
 
 SIZE = dict(height=64, width=64)  # 4x4 image tokens
 STEPS = 2

@@ -1,6 +1,6 @@
 """Scale-out on 2 CPU processes (gloo): diffusers' context parallelism, FSDP2 and the tensor-parallel plan.
 
-One 2-rank run (``tests/parallel_worker.py``, bounded by ``LAUNCH_TIMEOUT_S``) executes every scenario;
+One 2-rank run (``tests/support/parallel_worker.py``, bounded by ``LAUNCH_TIMEOUT_S``) executes every scenario;
 each test compares one scenario's per-rank results with the single-process run here, in fp32.
 
 What cannot run on CPU/gloo as such, and how it is tested instead:
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from diffusers import QwenImageTransformer2DModel as DiffusersQwenImageTransformer2DModel
 
-from .parallel_worker import (
+from tests.support.parallel_worker import (
     SGD_LR,
     UNEVEN_IMG_SHAPE,
     UNEVEN_TEXT_WIDTH,
@@ -38,7 +38,7 @@ from .parallel_worker import (
     loss_target,
     training_loss,
 )
-from .tiny import make_pair, run
+from tests.tiny import make_pair, run
 
 pytestmark = [
     pytest.mark.slow,
