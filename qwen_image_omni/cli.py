@@ -51,7 +51,7 @@ def check(args: argparse.Namespace) -> int:
     vllm-omni plugin report (:func:`qwen_image_omni.integrations.vllm_omni_check.check_vllm_omni`).
     """
     if args.vllm_omni:
-        from .integrations.vllm_omni_check import check_vllm_omni
+        from .integrations.vllm_omni.check import check_vllm_omni
 
         return check_vllm_omni()
     # Imported here, so that generate and bench never load the check harness.

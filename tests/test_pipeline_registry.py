@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from qwen_image_omni import pipelines
+from qwen_image_omni.pipelines import model_base
 from qwen_image_omni.pipelines import (
     DiffusionAlgoConfig,
     DiffusionModelBase,
@@ -25,6 +26,7 @@ def isolated_registries(monkeypatch):
     """Each test registers into copies of the registries, restored afterwards."""
     monkeypatch.setattr(DiffusionModelBase, "_registry", dict(DiffusionModelBase._registry))
     monkeypatch.setattr(VllmOmniPipelineBase, "_registry", dict(VllmOmniPipelineBase._registry))
+    monkeypatch.setattr(VllmOmniPipelineBase, "_vllm_omni_registry", dict(VllmOmniPipelineBase._vllm_omni_registry))
 
 
 def make_adapter(calls: list | None = None) -> type[DiffusionModelBase]:
@@ -219,6 +221,98 @@ def test_vllm_omni_registry_conflicts_and_type_checks():
         VllmOmniPipelineBase.register("TestPipeline", "flow_grpo")(B)
     with pytest.raises(TypeError, match="expects a class"):
         VllmOmniPipelineBase.register("TestPipeline", "dpo")(lambda: None)
+
+
+BUILT_IN_ROLLOUT_PIPELINES = {
+    ("QwenImagePipeline", "flow_grpo"): "qwen_image_flow_grpo.{}.QwenImagePipelineWithLogProb",
+    ("QwenImagePipeline", "mix_grpo"): "qwen_image_mix_grpo.{}.QwenImageMixGRPOPipelineWithLogProb",
+    ("QwenImagePipeline", "dpo"): "qwen_image_dpo.{}.QwenImageDPOPipeline",
+    ("QwenImagePipeline", "diffusion_nft"): "qwen_image_diffusion_nft.{}.QwenImageDiffusionNFTPipeline",
+    ("QwenImagePipeline", "dual_grpo"): "qwen_image_dual_grpo.{}.QwenImagePipelineWithDualLogProb",
+    ("QwenImageEditPlusPipeline", "flow_grpo"): "qwen_image_edit_flow_grpo.{}.QwenImageEditPlusPipelineWithLogProb",
+}
+"""What ``get_pipeline_path`` answers per built-in key (under ``qwen_image_omni.pipelines.``), ``{}`` the
+module: ``diffusers_rollout_pipeline`` without vllm-omni, ``vllm_omni_rollout_pipeline`` with it."""
+
+
+@pytest.mark.parametrize("with_vllm_omni", [False, True], ids=["without-vllm-omni", "with-vllm-omni"])
+def test_builtin_rollout_pipeline_paths(monkeypatch, with_vllm_omni):
+    """The answers the configs name, whether or not vllm-omni is installed; looking them up imports nothing."""
+    monkeypatch.setattr(model_base, "vllm_omni_installed", lambda: with_vllm_omni)
+    module = "vllm_omni_rollout_pipeline" if with_vllm_omni else "diffusers_rollout_pipeline"
+    before = set(sys.modules)
+    for key, path in BUILT_IN_ROLLOUT_PIPELINES.items():
+        expected = "qwen_image_omni.pipelines." + path.format(module)
+        assert VllmOmniPipelineBase.get_pipeline_path(*key) == expected
+    assert set(sys.modules) == before
+    assert set(VllmOmniPipelineBase.registered()) >= set(BUILT_IN_ROLLOUT_PIPELINES)
+
+
+def test_builtin_diffusers_rollout_pipelines_answer_their_former_names(monkeypatch):
+    """Without vllm-omni each key gives the diffusers pipeline, ``Diffusers<name>``, by the path of its former name."""
+    monkeypatch.setattr(model_base, "vllm_omni_installed", lambda: False)
+    for key, path in BUILT_IN_ROLLOUT_PIPELINES.items():
+        cls = VllmOmniPipelineBase.get_class(*key)
+        full_path = "qwen_image_omni.pipelines." + path.format("diffusers_rollout_pipeline")
+        module_name, _, old_name = full_path.rpartition(".")
+        module = importlib.import_module(module_name)
+        assert cls is getattr(module, old_name) and cls.__name__ == f"Diffusers{old_name}"
+        assert cls.__module__ == module_name
+
+
+def test_register_paths_imports_nothing_until_a_class_is_asked_for(tmp_path, monkeypatch):
+    (tmp_path / "lazy_rollout.py").write_text("class Rollout:\n    pass\n\nclass ServedRollout(Rollout):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_rollout", raising=False)
+    VllmOmniPipelineBase.register_paths(
+        "LazyPipeline", "flow_grpo", diffusers="lazy_rollout.Rollout", vllm_omni="lazy_rollout.ServedRollout"
+    )
+    try:
+        monkeypatch.setattr(model_base, "vllm_omni_installed", lambda: False)
+        assert VllmOmniPipelineBase.get_pipeline_path("LazyPipeline", "flow_grpo") == "lazy_rollout.Rollout"
+        monkeypatch.setattr(model_base, "vllm_omni_installed", lambda: True)
+        assert VllmOmniPipelineBase.get_pipeline_path("LazyPipeline", "flow_grpo") == "lazy_rollout.ServedRollout"
+        assert "lazy_rollout" not in sys.modules
+        assert VllmOmniPipelineBase.get_class("LazyPipeline", "flow_grpo") is sys.modules["lazy_rollout"].ServedRollout
+        monkeypatch.setattr(model_base, "vllm_omni_installed", lambda: False)
+        assert VllmOmniPipelineBase.get_class("LazyPipeline", "flow_grpo") is sys.modules["lazy_rollout"].Rollout
+    finally:
+        sys.modules.pop("lazy_rollout", None)
+
+
+def test_a_vllm_omni_only_key_answers_none_without_vllm_omni(monkeypatch):
+    VllmOmniPipelineBase.register_paths("ServedPipeline", "flow_grpo", vllm_omni="somewhere.Served")
+    monkeypatch.setattr(model_base, "vllm_omni_installed", lambda: False)
+    assert VllmOmniPipelineBase.get_pipeline_path("ServedPipeline", "flow_grpo") is None
+    assert VllmOmniPipelineBase.get_class("ServedPipeline", "flow_grpo") is None
+    assert ("ServedPipeline", "flow_grpo") in VllmOmniPipelineBase.registered()
+
+
+def test_register_paths_conflicts_and_checks(monkeypatch):
+    VllmOmniPipelineBase.register_paths("TestPipeline", "flow_grpo", diffusers="a.Rollout", vllm_omni="a.Served")
+    VllmOmniPipelineBase.register_paths("TestPipeline", "flow_grpo", diffusers="a.Rollout", vllm_omni="a.Served")
+    with pytest.raises(ValueError, match=r"already registered to a\.Served; cannot register b\.Served"):
+        VllmOmniPipelineBase.register_paths("TestPipeline", "flow_grpo", vllm_omni="b.Served")
+    VllmOmniPipelineBase.register_paths("TestPipeline", "flow_grpo", vllm_omni="b.Served", replace=True)
+    monkeypatch.setattr(model_base, "vllm_omni_installed", lambda: True)
+    assert VllmOmniPipelineBase.get_pipeline_path("TestPipeline", "flow_grpo") == "b.Served"
+    with pytest.raises(ValueError, match="already registered to a.Rollout"):
+        VllmOmniPipelineBase.register("TestPipeline", "flow_grpo")(DiffusionPipelineConfig)
+    for bad in ("Rollout", "", 3):
+        with pytest.raises(TypeError, match="dotted path"):
+            VllmOmniPipelineBase.register_paths("TestPipeline", "dpo", diffusers=bad)
+    with pytest.raises(TypeError, match="non-empty str"):
+        VllmOmniPipelineBase.register_paths("", "dpo", diffusers="a.Rollout")
+
+
+def test_get_class_names_a_path_that_does_not_import(monkeypatch):
+    monkeypatch.setattr(model_base, "vllm_omni_installed", lambda: True)
+    VllmOmniPipelineBase.register_paths("BrokenPipeline", "flow_grpo", vllm_omni="no_such_module_xyz.Served")
+    with pytest.raises(ImportError, match=r"\('BrokenPipeline', 'flow_grpo'\), no_such_module_xyz\.Served, cannot be"):
+        VllmOmniPipelineBase.get_class("BrokenPipeline", "flow_grpo")
+    VllmOmniPipelineBase.register_paths("BrokenPipeline", "dpo", vllm_omni="qwen_image_omni.pipelines.NoSuchClass")
+    with pytest.raises(ImportError, match="has no attribute 'NoSuchClass'"):
+        VllmOmniPipelineBase.get_class("BrokenPipeline", "dpo")
 
 
 # ----------------------------------------------------------------------------- utils dispatch

@@ -43,7 +43,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo.common import QWEN_IMAGE_VAE
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler  # noqa: E402
 
-from .test_vllm_omni import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
+from .integrations.vllm_omni.test_pipelines import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
     IMAGE_TOKENS,
     SIZE,
     embeds_prompts,

@@ -22,7 +22,7 @@ from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
 from qwen_image_omni.integrations import verl_omni_lora_sync  # noqa: E402
 
 from .tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG  # noqa: E402
-from .vllm_omni_engine import free_port  # noqa: E402
+from .support.vllm_omni_engine import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")

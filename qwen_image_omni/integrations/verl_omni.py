@@ -40,7 +40,7 @@ except ImportError as error:  # pragma: no cover - exercised only without verl-o
 
 from ..pipelines.model_base import DiffusionI2IModelBase, DiffusionModelBase, VllmOmniPipelineBase
 from . import verl_omni_lora_sync
-from .vllm_omni import QwenImageOmniMixin
+from .vllm_omni.pipelines import QwenImageOmniMixin
 
 __all__ = ["QWEN_IMAGE_ARCHITECTURES", "register", "registered_keys", "verl_omni_adapter"]
 

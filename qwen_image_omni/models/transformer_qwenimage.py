@@ -257,11 +257,14 @@ def _joint_attention_mask(text_mask: torch.Tensor, image_tokens: int) -> torch.T
     return torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]
 
 
-def _modulate(
+def modulate(
     x: torch.Tensor, mod_params: torch.Tensor, modulate_index: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AdaLN modulation ``x * (1 + scale) + shift``; returns it and the gate.
 
+    ``mod_params`` ``(B, 3 * dim)`` is one half of a block's ``img_mod`` / ``txt_mod`` output: shift,
+    scale and gate. The blocks modulate their normalised streams with it, and so does vllm-omni's
+    TeaCache extractor (block 0's modulated image stream is what it compares between steps).
     With ``modulate_index`` (Edit-Plus ``zero_cond_t``) ``mod_params`` holds ``2B`` rows: the first
     ``B`` (real timestep) modulate tokens whose index is 0, the last ``B`` (timestep 0) the others.
     """
@@ -337,8 +340,8 @@ class QwenImageTransformerBlock(nn.Module):
             temb = temb.chunk(2, dim=0)[0]
         txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
 
-        img_modulated, img_gate1 = _modulate(self.img_norm1(hidden_states), img_mod1, modulate_index)
-        txt_modulated, txt_gate1 = _modulate(self.txt_norm1(encoder_hidden_states), txt_mod1)
+        img_modulated, img_gate1 = modulate(self.img_norm1(hidden_states), img_mod1, modulate_index)
+        txt_modulated, txt_gate1 = modulate(self.txt_norm1(encoder_hidden_states), txt_mod1)
         joint_attention_kwargs = joint_attention_kwargs or {}
         if (
             encoder_hidden_states_mask is not None
@@ -360,9 +363,9 @@ class QwenImageTransformerBlock(nn.Module):
         hidden_states = hidden_states + img_gate1 * img_attn_output
         encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
 
-        img_modulated2, img_gate2 = _modulate(self.img_norm2(hidden_states), img_mod2, modulate_index)
+        img_modulated2, img_gate2 = modulate(self.img_norm2(hidden_states), img_mod2, modulate_index)
         hidden_states = hidden_states + img_gate2 * self.img_mlp(img_modulated2)
-        txt_modulated2, txt_gate2 = _modulate(self.txt_norm2(encoder_hidden_states), txt_mod2)
+        txt_modulated2, txt_gate2 = modulate(self.txt_norm2(encoder_hidden_states), txt_mod2)
         encoder_hidden_states = encoder_hidden_states + txt_gate2 * self.txt_mlp(txt_modulated2)
 
         if encoder_hidden_states.dtype == torch.float16:
@@ -378,7 +381,15 @@ def _is_transformer_block(name: str, module: nn.Module) -> bool:
 
 
 class BlockInputs(NamedTuple):
-    """What the blocks take, as :meth:`QwenImageTransformer2DModel._prepare_blocks` builds it."""
+    """What the blocks take, as :meth:`QwenImageTransformer2DModel.prepare_blocks` builds it.
+
+    ``hidden_states`` ``(B, S, dim)`` and ``encoder_hidden_states`` ``(B, L, dim)`` are the embedded
+    image and text streams; ``temb`` the timestep embedding (``2B`` rows with Edit-Plus
+    ``zero_cond_t``); ``image_rotary_emb`` the RoPE tables of the image and the text width;
+    ``encoder_hidden_states_mask`` the boolean text mask (None: all valid); ``modulate_index`` the
+    per-token target/condition index of ``zero_cond_t`` (else None); ``attention_kwargs`` and
+    ``controlnet_block_samples`` as :meth:`QwenImageTransformer2DModel.forward` took them.
+    """
 
     hidden_states: torch.Tensor
     encoder_hidden_states: torch.Tensor
@@ -783,30 +794,42 @@ class QwenImageTransformer2DModel(
             `Transformer2DModelOutput` with `sample` of shape `(batch, image_tokens, patch_size**2 * out_channels)`,
             or a 1-tuple when `return_dict=False`.
         """
-        blocks = self._prepare_blocks(
+        blocks = self.prepare_blocks(
             hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, guidance,
-            attention_kwargs, controlnet_block_samples, additional_t_cond, legacy_kwargs,
+            attention_kwargs, controlnet_block_samples, additional_t_cond, **legacy_kwargs,
         )  # fmt: skip
-        hidden_states, _ = self._run_blocks(blocks)
-        return self._output_head(hidden_states, blocks, return_dict)
+        hidden_states, _ = self.run_blocks(blocks)
+        return self.output_head(hidden_states, blocks, return_dict)
 
-    def _prepare_blocks(
+    # -- forward, split in three ----------------------------------------------------------------------
+    # forward() is prepare_blocks -> run_blocks -> output_head. Callers that need the parts (vllm-omni's
+    # TeaCache runs or skips the blocks per step) call them in this order with forward's arguments.
+
+    def prepare_blocks(
         self,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_hidden_states_mask: torch.Tensor | None,
-        timestep: torch.Tensor,
-        img_shapes: list | None,
-        guidance: torch.Tensor | None,
-        attention_kwargs: dict[str, Any] | None,
-        controlnet_block_samples: list[torch.Tensor] | None,
-        additional_t_cond: torch.Tensor | None,
-        legacy_kwargs: dict[str, Any],
+        encoder_hidden_states: torch.Tensor = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor = None,
+        img_shapes: list | None = None,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        controlnet_block_samples: list[torch.Tensor] | None = None,
+        additional_t_cond: torch.Tensor | None = None,
+        **legacy_kwargs: Any,
     ) -> BlockInputs:
-        """:meth:`forward` up to the blocks: check the inputs, embed them, build the RoPE tables.
+        """First part of :meth:`forward`: check the inputs, embed them, build the RoPE tables.
 
-        Serving engines that split one forward (vllm-omni's TeaCache) call this,
-        :meth:`_run_blocks` and :meth:`_output_head` in turn, as :meth:`forward` does.
+        Takes :meth:`forward`'s arguments (all but ``return_dict``) and checks them as it does; the
+        text RoPE length is the width of ``encoder_hidden_states``. ``attention_kwargs`` goes to the
+        blocks as given: :meth:`forward` takes a LoRA ``scale`` out of it and applies it around the
+        three parts; called alone, they apply none.
+
+        Returns:
+            :class:`BlockInputs`, the input of :meth:`run_blocks` and :meth:`output_head`.
+
+        Raises:
+            ValueError, TypeError: invalid inputs, as :meth:`forward` raises them.
         """
         if legacy_kwargs.pop("txt_seq_lens", None) is not None:
             _warn_txt_seq_lens_ignored()
@@ -853,8 +876,13 @@ class QwenImageTransformer2DModel(
             attention_kwargs, modulate_index, controlnet_block_samples,
         )  # fmt: skip
 
-    def _run_blocks(self, blocks: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every block (and the ControlNet residuals) on :meth:`_prepare_blocks`' output: ``(image, text)``."""
+    def run_blocks(self, blocks: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Second part of :meth:`forward`: every block (and the ControlNet residuals) on :meth:`prepare_blocks`' output.
+
+        Returns:
+            ``(image stream (B, S, dim), text stream (B, L, dim))`` after the last block; the image
+            stream goes to :meth:`output_head`.
+        """
         hidden_states, encoder_hidden_states = blocks.hidden_states, blocks.encoder_hidden_states
         controlnet_block_samples = blocks.controlnet_block_samples
         for index_block, block in enumerate(self.transformer_blocks):
@@ -884,10 +912,19 @@ class QwenImageTransformer2DModel(
                 hidden_states = hidden_states + controlnet_block_samples[index_block // interval]
         return hidden_states, encoder_hidden_states
 
-    def _output_head(
+    def output_head(
         self, hidden_states: torch.Tensor, blocks: BlockInputs, return_dict: bool = True
     ) -> tuple[torch.Tensor] | Transformer2DModelOutput:
-        """``norm_out`` and ``proj_out`` on the image stream, returned as :meth:`forward` returns it."""
+        """Last part of :meth:`forward`: ``norm_out`` and ``proj_out`` on the image stream.
+
+        Args:
+            hidden_states: the image stream ``(B, S, dim)`` from :meth:`run_blocks`.
+            blocks: what :meth:`prepare_blocks` returned for this forward (its ``temb``).
+            return_dict: as :meth:`forward`'s.
+
+        Returns:
+            What :meth:`forward` returns.
+        """
         temb = blocks.temb.chunk(2, dim=0)[0] if self.zero_cond_t else blocks.temb
         output = self.proj_out(self.norm_out(hidden_states, temb))
         if not return_dict:

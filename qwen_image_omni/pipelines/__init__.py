@@ -4,14 +4,17 @@ A pipeline plugs one diffusion architecture into an RL training loop:
 
 - a training-side adapter, a ``DiffusionModelBase`` subclass of classmethods registered for
   ``(architecture, algorithm)``: scheduler set-up, transformer inputs, forward + reverse step;
-- optionally a rollout-side vllm-omni pipeline class registered on ``VllmOmniPipelineBase``.
+- optionally its rollout pipelines, registered on ``VllmOmniPipelineBase`` by dotted path: one on
+  diffusers (runs anywhere) and one on vllm-omni, which answers where vllm-omni is installed and is
+  imported only when an engine asks for it (``custom_pipeline_name``).
 
 ``DiffusionModelConfig.architecture`` (``_class_name`` of ``model_index.json``) and
 ``DiffusionModelConfig.algorithm`` select them; the helpers in ``utils`` dispatch to the adapter.
 No argument, input dict or return value carries a text sequence length: the transformer takes it
 from ``encoder_hidden_states.shape[1]``.
 
-Importing this package registers the built-in adapters.
+Importing this package registers the built-in adapters and rollout pipelines; it imports no
+vllm-omni module.
 """
 
 from .config import (
@@ -26,6 +29,7 @@ from .model_base import (
     DiffusionModelBase,
     VllmOmniPipelineBase,
     dotted_path,
+    import_dotted_path,
     import_external_libs,
 )
 from .utils import (
@@ -62,6 +66,7 @@ __all__ = [
     "dotted_path",
     "forward",
     "forward_and_sample_previous_step",
+    "import_dotted_path",
     "import_external_libs",
     "prepare_model_inputs",
     "read_architecture",

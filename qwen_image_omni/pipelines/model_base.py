@@ -2,9 +2,10 @@
 
 ``DiffusionModelBase`` is the training-side adapter interface: a class of classmethods (never
 instantiated) that builds the scheduler, prepares the transformer's inputs and runs one forward plus
-reverse-sampling step. ``VllmOmniPipelineBase`` maps the same key to the rollout-side vllm-omni
-pipeline class. ``architecture`` is the ``_class_name`` of the model's ``model_index.json``;
-``algorithm`` is ``DiffusionModelConfig.algorithm``.
+reverse-sampling step. ``VllmOmniPipelineBase`` maps the same key to the rollout-side pipeline: the
+vllm-omni one where vllm-omni is installed, the diffusers one elsewhere, each named by its dotted
+path and imported only when a class is asked for. ``architecture`` is the ``_class_name`` of the
+model's ``model_index.json``; ``algorithm`` is ``DiffusionModelConfig.algorithm``.
 
 Unlike verl-omni's interface (seed 004), nothing here takes or returns a text sequence length: the
 transformer reads it from ``encoder_hidden_states.shape[1]``.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -29,17 +29,35 @@ if TYPE_CHECKING:
 
 T = TypeVar("T", bound=type)
 
-logger = logging.getLogger(__name__)
-
-VLLM_OMNI_INTEGRATION = "qwen_image_omni.integrations.vllm_omni"
-"""The module that registers the vllm-omni rollout pipelines (imported on demand when vllm-omni is installed)."""
-
 Key = tuple[str, str]
 
 
 def dotted_path(cls: type) -> str:
     """Return ``"module.QualName"``, the import path of ``cls``."""
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def import_dotted_path(path: str) -> Any:
+    """The object a ``"package.module.Name"`` path names: the module imported, then its attribute.
+
+    The resolution vllm-omni applies to ``custom_pipeline_name``.
+
+    Raises:
+        ImportError: the module cannot be imported, or has no such attribute; the message names the path.
+    """
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise ImportError(f"{path!r} is not a dotted path 'module.Name'")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ImportError(f"{path!r}: module {module_name!r} has no attribute {name!r}") from None
+
+
+def vllm_omni_installed() -> bool:
+    """Whether vllm-omni is installed here (found on the path; not imported)."""
+    return importlib.util.find_spec("vllm_omni") is not None
 
 
 def import_external_libs(external_lib: str | list[str] | tuple[str, ...] | None) -> None:
@@ -75,21 +93,26 @@ def _check_key(architecture: Any, algorithm: Any) -> Key:
     return architecture, algorithm
 
 
-def _add(registry: dict[Key, type], key: Key, cls: type, what: str, replace: bool = False) -> None:
-    """Register ``cls`` under ``key``.
+def _path_of(entry: type | str) -> str:
+    """The dotted path of a registry entry: a class, or already a path."""
+    return entry if isinstance(entry, str) else dotted_path(entry)
 
-    Registering the same class again is a no-op, and so is re-registering a class with the same
+
+def _add(registry: dict[Key, Any], key: Key, entry: type | str, what: str, replace: bool = False) -> None:
+    """Register ``entry`` (a class, or the dotted path of one) under ``key``.
+
+    Registering the same entry again is a no-op, and so is re-registering a class with the same
     module and qualified name (a module reload makes a new class object; the new one replaces the
-    old). Any other class already under ``key`` raises ``ValueError`` unless ``replace`` is set.
+    old). Any other entry already under ``key`` raises ``ValueError`` unless ``replace`` is set.
     """
     existing = registry.get(key)
     if replace or existing is None:
         pass
-    elif existing is not cls and dotted_path(existing) != dotted_path(cls):
+    elif existing is not entry and _path_of(existing) != _path_of(entry):
         raise ValueError(
-            f"{what} {key} is already registered to {dotted_path(existing)}; cannot register {dotted_path(cls)}"
+            f"{what} {key} is already registered to {_path_of(existing)}; cannot register {_path_of(entry)}"
         )
-    registry[key] = cls
+    registry[key] = entry
 
 
 class DiffusionModelBase(ABC):
@@ -422,36 +445,49 @@ class DiffusionI2IModelBase(DiffusionModelBase):
 
 
 class VllmOmniPipelineBase:
-    """Registry of the rollout-side pipeline classes, keyed by ``(architecture, algorithm)``.
+    """Registry of the rollout-side pipelines, keyed by ``(architecture, algorithm)``.
 
-    The registered classes subclass vllm-omni's pipelines, not this class::
+    A key holds up to two pipelines, each a class or the dotted path ``"module.Name"`` of one:
 
-        @VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo", replace=True)
-        class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImagePipeline):
-            ...
+    - one that runs anywhere (the diffusers rollout pipelines; a third party's class), registered
+      with the :meth:`register` decorator or :meth:`register_paths` ``(diffusers=...)``;
+    - one that needs vllm-omni, registered by path only (:meth:`register_paths` ``(vllm_omni=...)``):
+      it answers for the key wherever vllm-omni is installed.
 
-    Without vllm-omni the built-in keys hold the diffusers rollout pipelines (they run anywhere).
-    When vllm-omni is installed, the first look-up imports ``qwen_image_omni.integrations.vllm_omni``,
-    whose vllm-omni pipelines replace them, so :meth:`get_pipeline_path` names a class vllm-omni
-    can load (``load_format="custom_pipeline"``).
+    :meth:`get_pipeline_path` answers without importing anything; :meth:`get_class` imports the
+    pipeline's module then. So registering the built-in pipelines (importing
+    ``qwen_image_omni.pipelines``) imports no vllm-omni module, and an engine imports a vllm-omni
+    rollout pipeline only when it asks for it (``load_format="custom_pipeline"``,
+    ``custom_pipeline_name=VllmOmniPipelineBase.get_pipeline_path(...)``)::
+
+        package = "qwen_image_omni.pipelines.qwen_image_flow_grpo"
+        VllmOmniPipelineBase.register_paths(
+            "QwenImagePipeline", "flow_grpo",
+            diffusers=f"{package}.diffusers_rollout_pipeline.QwenImagePipelineWithLogProb",
+            vllm_omni=f"{package}.vllm_omni_rollout_pipeline.QwenImagePipelineWithLogProb",
+        )
     """
 
-    _registry: ClassVar[dict[Key, type]] = {}
-    _integration_loaded: ClassVar[bool | None] = None  # None: not tried yet
+    _registry: ClassVar[dict[Key, type | str]] = {}
+    """Per key, the pipeline that runs anywhere: a class, or its dotted path."""
+    _vllm_omni_registry: ClassVar[dict[Key, str]] = {}
+    """Per key, the dotted path of the pipeline that needs vllm-omni."""
 
     @classmethod
     def register(cls, architecture: str, algorithm: str, *, replace: bool = False) -> Callable[[T], T]:
         """Class decorator that registers a pipeline class for ``(architecture, algorithm)``.
 
+        The class answers for the key unless a vllm-omni pipeline is registered for it and vllm-omni
+        is installed.
+
         Args:
             architecture: ``_class_name`` of the model's ``model_index.json``.
             algorithm: ``DiffusionModelConfig.algorithm``.
-            replace: replace a different class already registered under the key (the vllm-omni
-                pipelines replace the diffusers fallbacks).
+            replace: replace a different pipeline already registered under the key.
 
         Raises:
             TypeError: an empty or non-str key, or the decorated object is not a class.
-            ValueError: a different class is already registered under the key and ``replace`` is False.
+            ValueError: a different pipeline is already registered under the key and ``replace`` is False.
         """
         key = _check_key(architecture, algorithm)
 
@@ -464,38 +500,75 @@ class VllmOmniPipelineBase:
         return decorator
 
     @classmethod
-    def load_vllm_omni_integration(cls) -> bool:
-        """Import the vllm-omni integration once, if vllm-omni is installed; return whether it is loaded.
+    def register_paths(
+        cls,
+        architecture: str,
+        algorithm: str,
+        *,
+        diffusers: str | None = None,
+        vllm_omni: str | None = None,
+        replace: bool = False,
+    ) -> None:
+        """Register the rollout pipelines of ``(architecture, algorithm)`` by dotted path, importing neither.
 
-        An installed but broken vllm-omni is logged and leaves the diffusers pipelines registered.
+        Args:
+            architecture: ``_class_name`` of the model's ``model_index.json``.
+            algorithm: ``DiffusionModelConfig.algorithm``.
+            diffusers: ``"module.Name"`` of the pipeline that runs anywhere, or None.
+            vllm_omni: ``"module.Name"`` of the pipeline that needs vllm-omni, or None; it answers for
+                the key wherever vllm-omni is installed.
+            replace: replace different pipelines already registered under the key.
+
+        Raises:
+            TypeError: an empty or non-str key, or a path that is not a dotted ``"module.Name"`` str.
+            ValueError: a different pipeline is already registered under the key and ``replace`` is False.
         """
-        if VllmOmniPipelineBase._integration_loaded is None:
-            loaded = False
-            if importlib.util.find_spec("vllm_omni") is not None:
-                try:
-                    importlib.import_module(VLLM_OMNI_INTEGRATION)
-                    loaded = True
-                except ImportError:
-                    logger.exception("vllm-omni is installed but %s failed to import", VLLM_OMNI_INTEGRATION)
-            VllmOmniPipelineBase._integration_loaded = loaded
-        return VllmOmniPipelineBase._integration_loaded
+        key = _check_key(architecture, algorithm)
+        for name, path in (("diffusers", diffusers), ("vllm_omni", vllm_omni)):
+            if path is not None and not (isinstance(path, str) and "." in path.strip(".")):
+                raise TypeError(f"{name} must be a dotted path 'module.Name', got {path!r}")
+        if diffusers is not None:
+            _add(VllmOmniPipelineBase._registry, key, diffusers, "rollout pipeline", replace=replace)
+        if vllm_omni is not None:
+            _add(VllmOmniPipelineBase._vllm_omni_registry, key, vllm_omni, "vllm-omni pipeline", replace=replace)
 
     @classmethod
     def registered(cls) -> list[Key]:
         """Return the registered ``(architecture, algorithm)`` keys, sorted."""
-        return sorted(VllmOmniPipelineBase._registry)
+        return sorted({*VllmOmniPipelineBase._registry, *VllmOmniPipelineBase._vllm_omni_registry})
+
+    @classmethod
+    def _entry(cls, architecture: str, algorithm: str) -> type | str | None:
+        """What answers for the key here: its vllm-omni pipeline where vllm-omni is installed, else the other."""
+        key = (architecture, algorithm)
+        vllm_omni = VllmOmniPipelineBase._vllm_omni_registry.get(key)
+        if vllm_omni is not None and vllm_omni_installed():
+            return vllm_omni
+        return VllmOmniPipelineBase._registry.get(key)
 
     @classmethod
     def get_class(cls, architecture: str, algorithm: str) -> type | None:
-        """Return the pipeline class registered for ``(architecture, algorithm)``, or ``None``.
+        """Return the pipeline class for ``(architecture, algorithm)`` (imported if registered by path), or ``None``.
 
-        Loads the vllm-omni integration first when vllm-omni is installed (see the class docstring).
+        Raises:
+            ImportError: the registered path does not import (for a vllm-omni pipeline: a vllm-omni
+                our pipelines do not fit); the message names the key and the path.
         """
-        cls.load_vllm_omni_integration()
-        return VllmOmniPipelineBase._registry.get((architecture, algorithm))
+        entry = cls._entry(architecture, algorithm)
+        if not isinstance(entry, str):
+            return entry
+        try:
+            return import_dotted_path(entry)
+        except ImportError as error:
+            raise ImportError(
+                f"the rollout pipeline of ({architecture!r}, {algorithm!r}), {entry}, cannot be imported: {error}"
+            ) from error
 
     @classmethod
     def get_pipeline_path(cls, architecture: str, algorithm: str) -> str | None:
-        """Return the dotted import path ``"module.Class"`` for ``(architecture, algorithm)``, or ``None``."""
-        pipeline_cls = cls.get_class(architecture, algorithm)
-        return None if pipeline_cls is None else dotted_path(pipeline_cls)
+        """Return the dotted import path ``"module.Class"`` for ``(architecture, algorithm)``, or ``None``.
+
+        Imports nothing: a pipeline registered by path answers with that path.
+        """
+        entry = cls._entry(architecture, algorithm)
+        return None if entry is None else _path_of(entry)

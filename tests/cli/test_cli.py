@@ -10,7 +10,7 @@ from qwen_image_omni import cli
 
 def test_check_vllm_omni_without_vllm_omni_says_so_and_passes(capsys, monkeypatch):
     """The vllm-omni report on a machine without vllm-omni (the plugin report itself: tests/test_vllm_omni_check.py)."""
-    from qwen_image_omni.integrations import vllm_omni_check
+    from qwen_image_omni.integrations.vllm_omni import check as vllm_omni_check
 
     monkeypatch.setattr(vllm_omni_check, "installed_version", lambda distribution: None)
     assert cli.main(["check", "--vllm-omni"]) == 0
@@ -22,7 +22,7 @@ def test_check_vllm_omni_without_vllm_omni_says_so_and_passes(capsys, monkeypatc
     [("0.27.0rc1", True), ("0.30.0", True), ("0.32.0rc1", True), ("0.26.0", False), ("0.32.0", False)],
 )
 def test_check_vllm_omni_says_whether_the_version_is_in_the_tested_range(version, supported):
-    from qwen_image_omni.integrations.vllm_omni_check import support_note
+    from qwen_image_omni.integrations.vllm_omni.check import support_note
 
     assert support_note(version).startswith("supported" if supported else "untested")
 

@@ -1,4 +1,4 @@
-"""Run one vllm-omni engine job in this process and write what it produced (used by ``tests/vllm_omni_engine.py``).
+"""Run one vllm-omni engine job in this process and write what it produced (for ``vllm_omni_engine.py``).
 
 ``python -m tests.support.engine_job JOB_DIR`` reads ``JOB_DIR/job.json``:
 

@@ -8,13 +8,16 @@
 - :mod:`.rollout`: :class:`QwenImageDiffusionNFTRolloutMixin`, FlowGRPO's rollout loop as a
   deterministic ODE (:func:`nft_ode_options`) recording ``rl = {"latents_clean", "train_timesteps"}``
   (:func:`diffusion_nft_rl`), shared by both rollout pipelines;
-- :mod:`.diffusers_rollout_pipeline`: :class:`QwenImageDiffusionNFTPipeline`, the rollout on diffusers;
-- :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, imported only with vllm-omni installed.
+- :mod:`.diffusers_rollout_pipeline`: :class:`DiffusersQwenImageDiffusionNFTPipeline`, the rollout on
+  diffusers (also importable as ``QwenImageDiffusionNFTPipeline``, its former name);
+- :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, verl-omni's ``QwenImageDiffusionNFTPipeline``,
+  imported only when an engine asks for it by its dotted path.
 
 No text length is computed or passed: the transformer takes it from ``encoder_hidden_states.shape[1]``.
 """
 
-from .diffusers_rollout_pipeline import QwenImageDiffusionNFTPipeline
+from ..model_base import VllmOmniPipelineBase
+from .diffusers_rollout_pipeline import DiffusersQwenImageDiffusionNFTPipeline, QwenImageDiffusionNFTPipeline
 from .diffusers_training_adapter import QwenImageDiffusionNFT
 from .loss import (
     ADV_MODES,
@@ -33,11 +36,21 @@ from .rollout import (
     nft_ode_options,
 )
 
+# The rollout pipelines, by dotted path: the vllm-omni one answers where vllm-omni is installed, and is
+# imported only when asked for (an engine's custom_pipeline_name), never here.
+VllmOmniPipelineBase.register_paths(
+    "QwenImagePipeline",
+    "diffusion_nft",
+    diffusers=f"{__name__}.diffusers_rollout_pipeline.QwenImageDiffusionNFTPipeline",
+    vllm_omni=f"{__name__}.vllm_omni_rollout_pipeline.QwenImageDiffusionNFTPipeline",
+)
+
 __all__ = [
     "ADV_MODES",
     "CLEAN_LATENTS_KEY",
     "SDE_OPTIONS",
     "TRAIN_TIMESTEPS_KEY",
+    "DiffusersQwenImageDiffusionNFTPipeline",
     "QwenImageDiffusionNFT",
     "QwenImageDiffusionNFTPipeline",
     "QwenImageDiffusionNFTRolloutMixin",

@@ -19,19 +19,17 @@ import dataclasses
 import inspect
 from typing import Any
 
-from ..model_base import VllmOmniPipelineBase
-from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import QwenImagePipelineWithLogProb
+from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb
 from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
 from .rollout import SDE_OPTIONS, QwenImageDiffusionNFTRolloutMixin, diffusion_nft_rl
 
-__all__ = ["SDE_OPTIONS", "QwenImageDiffusionNFTPipeline", "diffusion_nft_rl"]
+__all__ = ["SDE_OPTIONS", "DiffusersQwenImageDiffusionNFTPipeline", "QwenImageDiffusionNFTPipeline", "diffusion_nft_rl"]
 
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="diffusion_nft")
-class QwenImageDiffusionNFTPipeline(QwenImageDiffusionNFTRolloutMixin, QwenImagePipelineWithLogProb):
+class DiffusersQwenImageDiffusionNFTPipeline(QwenImageDiffusionNFTRolloutMixin, DiffusersQwenImagePipelineWithLogProb):
     """Rollout pipeline for Qwen-Image with DiffusionNFT: the deterministic ODE, clean latents recorded.
 
-    :class:`QwenImagePipelineWithLogProb` (same components, prompt handling, CFG and decoding) with
+    :class:`DiffusersQwenImagePipelineWithLogProb` (same components, prompt handling, CFG and decoding) with
     :class:`~.rollout.QwenImageDiffusionNFTRolloutMixin`: noise level 0 at every step and no
     log-probabilities; its steps go through :class:`~.diffusers_training_adapter.QwenImageDiffusionNFT`
     (the trainer's adapter). The output's ``rl`` holds ``latents_clean`` and ``train_timesteps``
@@ -42,16 +40,16 @@ class QwenImageDiffusionNFTPipeline(QwenImageDiffusionNFTRolloutMixin, QwenImage
     """
 
     def forward(self, *args: Any, return_trajectory: bool = False, **kwargs: Any) -> QwenImageRolloutOutput:
-        """End-to-end deterministic generation; arguments as :meth:`QwenImagePipelineWithLogProb.forward`.
+        """End-to-end deterministic generation; arguments as :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
 
         Takes the prompt (token ids or embeddings of any padded width), CFG, size, steps, sigmas,
         generator, latents, ``output_type``, ... of the FlowGRPO pipeline; not its SDE options
         (:data:`SDE_OPTIONS`), which the ODE fixes.
 
         Args:
-            *args: positional arguments of :meth:`QwenImagePipelineWithLogProb.forward`.
+            *args: positional arguments of :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
             return_trajectory: record every ODE state in ``all_latents`` (else the last transition).
-            **kwargs: keyword arguments of :meth:`QwenImagePipelineWithLogProb.forward`.
+            **kwargs: keyword arguments of :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
 
         Returns:
             QwenImageRolloutOutput: images, ``all_log_probs=None``, the prompt embeddings used, and
@@ -59,12 +57,12 @@ class QwenImageDiffusionNFTPipeline(QwenImageDiffusionNFTRolloutMixin, QwenImage
 
         Raises:
             TypeError: an SDE option, an unknown argument, or a non-bool ``return_trajectory``.
-            ValueError, TypeError: as :meth:`QwenImagePipelineWithLogProb.forward`.
+            ValueError, TypeError: as :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
         """
         if not isinstance(return_trajectory, bool):
             raise TypeError(f"`return_trajectory` must be a bool, got {type(return_trajectory).__name__}")
         refused = [name for name in SDE_OPTIONS if name in kwargs]
-        signature = inspect.signature(QwenImagePipelineWithLogProb.forward)
+        signature = inspect.signature(DiffusersQwenImagePipelineWithLogProb.forward)
         positional = list(signature.parameters)[1 : 1 + len(args)]
         refused += [name for name in positional if name in SDE_OPTIONS]
         if refused:
@@ -78,3 +76,9 @@ class QwenImageDiffusionNFTPipeline(QwenImageDiffusionNFTRolloutMixin, QwenImage
         finally:
             self._nft_return_trajectory = False
         return dataclasses.replace(out, rl=self.diffusion_nft_rl(out.all_latents[:, -1]))
+
+
+QwenImageDiffusionNFTPipeline = DiffusersQwenImageDiffusionNFTPipeline
+"""The pipeline's former name, kept for the code and configs that name it. The vllm-omni rollout
+pipeline carries it now (verl-omni's name); where vllm-omni is not installed, the rollout registry
+answers this path for ``("QwenImagePipeline", "diffusion_nft")``."""

@@ -1,4 +1,4 @@
-"""Qwen-Image DiffusionNFT rollout pipeline on vllm-omni (needs vllm-omni; imported by the integration).
+"""Qwen-Image DiffusionNFT rollout pipeline on vllm-omni (needs vllm-omni; imported when an engine asks for it).
 
 verl-omni main's ``QwenImageDiffusionNFTPipeline`` contract: each request's ``DiffusionOutput``
 carries the image, ``metadata["prompt_embeddings"]`` and ``metadata["rl"] = {"latents_clean",
@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from ..model_base import VllmOmniPipelineBase
 from ..qwen_image_flow_grpo.rollout import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from .rollout import QwenImageDiffusionNFTRolloutMixin
@@ -24,7 +23,6 @@ from .rollout import QwenImageDiffusionNFTRolloutMixin
 __all__ = ["QwenImageDiffusionNFTPipeline"]
 
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="diffusion_nft", replace=True)
 class QwenImageDiffusionNFTPipeline(QwenImageDiffusionNFTRolloutMixin, QwenImagePipelineWithLogProb):
     """DiffusionNFT rollout on vllm-omni: the FlowGRPO vllm-omni pipeline's loop as the deterministic ODE.
 

@@ -8,17 +8,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..model_base import VllmOmniPipelineBase
-from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import QwenImagePipelineWithLogProb
+from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb
 from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
 from .rollout import CLEAN_LATENTS_KEY, SDE_ROLLOUT_OPTIONS, QwenImageDPORolloutMixin
 
-__all__ = ["QwenImageDPOPipeline"]
+__all__ = ["DiffusersQwenImageDPOPipeline", "QwenImageDPOPipeline"]
 
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="dpo")
-class QwenImageDPOPipeline(QwenImageDPORolloutMixin, QwenImagePipelineWithLogProb):
-    """Rollout pipeline for Qwen-Image Diffusion-DPO: :class:`QwenImagePipelineWithLogProb` as an ODE.
+class DiffusersQwenImageDPOPipeline(QwenImageDPORolloutMixin, DiffusersQwenImagePipelineWithLogProb):
+    """Rollout pipeline for Qwen-Image Diffusion-DPO: :class:`DiffusersQwenImagePipelineWithLogProb` as an ODE.
 
     Every step is the deterministic flow-matching Euler step (noise level 0, no log-probs), so the
     final latents are those of diffusers' ``QwenImagePipeline`` for the same noise. The output's
@@ -29,7 +27,7 @@ class QwenImageDPOPipeline(QwenImageDPORolloutMixin, QwenImagePipelineWithLogPro
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> QwenImageRolloutOutput:
-        """End-to-end generation; arguments as :meth:`QwenImagePipelineWithLogProb.forward` without the SDE ones.
+        """End-to-end generation; arguments as the FlowGRPO pipeline's ``forward`` without the SDE ones.
 
         Returns:
             QwenImageRolloutOutput: images; ``rl = {"latents_clean": (B, S, C) float32}``; the prompt
@@ -39,7 +37,7 @@ class QwenImageDPOPipeline(QwenImageDPORolloutMixin, QwenImagePipelineWithLogPro
         Raises:
             TypeError: an SDE option (:data:`~.rollout.SDE_ROLLOUT_OPTIONS`) is passed: the DPO
                 rollout is deterministic and fixes them.
-            ValueError, TypeError: as :meth:`QwenImagePipelineWithLogProb.forward`.
+            ValueError, TypeError: as :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
         """
         fixed = [name for name in SDE_ROLLOUT_OPTIONS if name in kwargs]
         if fixed:
@@ -49,3 +47,9 @@ class QwenImageDPOPipeline(QwenImageDPORolloutMixin, QwenImagePipelineWithLogPro
         output = super().forward(*args, **kwargs)
         # The last step's window ends on the clean latents (see `ode_rollout_options`).
         return dataclasses.replace(output, rl={CLEAN_LATENTS_KEY: output.all_latents[:, -1]})
+
+
+QwenImageDPOPipeline = DiffusersQwenImageDPOPipeline
+"""The pipeline's former name, kept for the code and configs that name it. The vllm-omni rollout
+pipeline carries it now (verl-omni's name); where vllm-omni is not installed, the rollout registry
+answers this path for ``("QwenImagePipeline", "dpo")``."""

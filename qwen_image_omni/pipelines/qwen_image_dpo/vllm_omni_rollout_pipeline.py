@@ -1,4 +1,4 @@
-"""Qwen-Image DPO rollout pipeline on vllm-omni (needs vllm-omni; imported by the integration).
+"""Qwen-Image DPO rollout pipeline on vllm-omni (needs vllm-omni; imported when an engine asks for it).
 
 verl-omni main's ``QwenImageDPOPipeline`` contract: each request's ``DiffusionOutput`` carries the
 image, ``metadata["prompt_embeddings"]`` and ``metadata["rl"] = {"latents_clean": ...}``. Here the
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..model_base import VllmOmniPipelineBase
 from ..qwen_image_flow_grpo.rollout import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from .rollout import CLEAN_LATENTS_KEY, QwenImageDPORolloutMixin
@@ -18,7 +17,6 @@ from .rollout import CLEAN_LATENTS_KEY, QwenImageDPORolloutMixin
 __all__ = ["QwenImageDPOPipeline"]
 
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="dpo", replace=True)
 class QwenImageDPOPipeline(QwenImageDPORolloutMixin, QwenImagePipelineWithLogProb):
     """DPO rollout on vllm-omni: the FlowGRPO vllm-omni pipeline's loop at noise level 0.
 

@@ -10,18 +10,16 @@ from typing import Any
 
 import torch
 
-from ..model_base import VllmOmniPipelineBase
-from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import QwenImagePipelineWithLogProb
+from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb
 from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
 from .diffusers_training_adapter import QwenImageDualGRPO
 from .text_sampling import TEXT_SAMPLING_OPTIONS, QwenImageTextSamplingMixin, text_sampling_options
 
-__all__ = ["QwenImagePipelineWithDualLogProb"]
+__all__ = ["DiffusersQwenImagePipelineWithDualLogProb", "QwenImagePipelineWithDualLogProb"]
 
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="dual_grpo")
-class QwenImagePipelineWithDualLogProb(QwenImageTextSamplingMixin, QwenImagePipelineWithLogProb):
-    """Rollout pipeline for Qwen-Image Dual-GRPO: :class:`QwenImagePipelineWithLogProb` plus text.
+class DiffusersQwenImagePipelineWithDualLogProb(QwenImageTextSamplingMixin, DiffusersQwenImagePipelineWithLogProb):
+    """Rollout pipeline for Qwen-Image Dual-GRPO: :class:`DiffusersQwenImagePipelineWithLogProb` plus text.
 
     The image side is FlowGRPO's rollout unchanged (the prompt's own embeddings, the SDE window's
     latents and log-probs); after it, :meth:`sample_text_responses` samples one response per image
@@ -48,23 +46,23 @@ class QwenImagePipelineWithDualLogProb(QwenImageTextSamplingMixin, QwenImagePipe
         repetition_penalty: float = TEXT_SAMPLING_OPTIONS["repetition_penalty"],
         **kwargs: Any,
     ) -> QwenImageRolloutOutput:
-        """Image rollout, then text sampling; arguments as :meth:`QwenImagePipelineWithLogProb.forward` plus text.
+        """Image rollout, then text sampling; arguments as the FlowGRPO pipeline's ``forward`` plus text.
 
         Args:
             prompt_token_ids: ``(B, N)`` / ``(N,)`` templated prompt token ids; required (the text
                 encoder generates from them).
             prompt_mask: their mask (any padding layout).
-            *args: passed on to :meth:`QwenImagePipelineWithLogProb.forward`.
+            *args: passed on to :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
             max_new_tokens, llm_logprobs, temperature, top_p, top_k, repetition_penalty: the text
                 options (:data:`~.text_sampling.TEXT_SAMPLING_OPTIONS`).
-            **kwargs: passed on to :meth:`QwenImagePipelineWithLogProb.forward`.
+            **kwargs: passed on to :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
 
         Returns:
             QwenImageRolloutOutput: FlowGRPO's output with ``rl`` holding the text responses, one per image.
 
         Raises:
             ValueError: no ``prompt_token_ids``; as :meth:`sample_text_responses` and
-                :meth:`QwenImagePipelineWithLogProb.forward`.
+                :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
             TypeError: as those two.
         """
         if prompt_token_ids is None:
@@ -87,3 +85,9 @@ class QwenImagePipelineWithDualLogProb(QwenImageTextSamplingMixin, QwenImagePipe
             **text_options,
         )
         return dataclasses.replace(output, rl=rl)
+
+
+QwenImagePipelineWithDualLogProb = DiffusersQwenImagePipelineWithDualLogProb
+"""The pipeline's former name, kept for the code and configs that name it. The vllm-omni rollout
+pipeline carries it now (verl-omni's name); where vllm-omni is not installed, the rollout registry
+answers this path for ``("QwenImagePipeline", "dual_grpo")``."""

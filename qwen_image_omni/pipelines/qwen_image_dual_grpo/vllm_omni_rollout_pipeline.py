@@ -1,4 +1,4 @@
-"""Qwen-Image Dual-GRPO rollout pipeline on vllm-omni (needs vllm-omni; imported by the integration).
+"""Qwen-Image Dual-GRPO rollout pipeline on vllm-omni (needs vllm-omni; imported when an engine asks for it).
 
 verl-omni main's ``QwenImagePipelineWithDualLogProb`` contract: each request's ``DiffusionOutput``
 carries FlowGRPO's trajectory and envelope, with the text response sampled from the text encoder in
@@ -13,7 +13,6 @@ from typing import Any
 
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 
-from ..model_base import VllmOmniPipelineBase
 from ..qwen_image_flow_grpo.rollout import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from ..request_batch import PROMPT_TOKEN_ID_KEYS, collate_token_ids
@@ -23,7 +22,6 @@ from .text_sampling import QwenImageTextSamplingMixin, text_sampling_options
 __all__ = ["QwenImagePipelineWithDualLogProb"]
 
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="dual_grpo", replace=True)
 class QwenImagePipelineWithDualLogProb(QwenImageTextSamplingMixin, QwenImagePipelineWithLogProb):
     """Dual-GRPO rollout on vllm-omni: the FlowGRPO vllm-omni rollout plus one text response per image.
 

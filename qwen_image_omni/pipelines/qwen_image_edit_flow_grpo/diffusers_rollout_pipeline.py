@@ -1,6 +1,6 @@
 """Qwen-Image-Edit-Plus FlowGRPO rollout pipeline on diffusers: edited images plus the SDE window's log-probs.
 
-:class:`QwenImageEditPlusPipelineWithLogProb` takes precomputed prompt embeddings and precomputed,
+:class:`DiffusersQwenImageEditPlusPipelineWithLogProb` takes precomputed prompt embeddings and precomputed,
 packed condition image latents ``(B, S_c, C)`` with their ``img_shapes``, and runs the Qwen-Image
 rollout loop (:class:`~..qwen_image_flow_grpo.QwenImageRolloutMixin`) with
 :class:`~.diffusers_training_adapter.QwenImageEditPlusFlowGRPO` as the training adapter: every step
@@ -18,20 +18,18 @@ from typing import Any
 import torch
 
 from ..checks import check_int
-from ..model_base import VllmOmniPipelineBase
-from ..qwen_image_flow_grpo import QwenImagePipelineWithLogProb, QwenImageRolloutOutput
+from ..qwen_image_flow_grpo import DiffusersQwenImagePipelineWithLogProb, QwenImageRolloutOutput
 from ..qwen_image_flow_grpo.common import OUTPUT_TYPES, _check_rollout_scales
 from .diffusers_training_adapter import CONDITION_LATENTS_KEY, IMG_SHAPES_KEY
 from .rollout import ARCHITECTURE, QwenImageEditRolloutMixin
 
-__all__ = ["ARCHITECTURE", "QwenImageEditPlusPipelineWithLogProb"]
+__all__ = ["ARCHITECTURE", "DiffusersQwenImageEditPlusPipelineWithLogProb", "QwenImageEditPlusPipelineWithLogProb"]
 
 
-@VllmOmniPipelineBase.register(ARCHITECTURE, algorithm="flow_grpo")
-class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImagePipelineWithLogProb):
+class DiffusersQwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, DiffusersQwenImagePipelineWithLogProb):
     """Rollout pipeline for Qwen-Image-Edit-Plus that records the SDE window's latents and log-probabilities.
 
-    The diffusers rollout pipeline of Qwen-Image (:class:`QwenImagePipelineWithLogProb`: our
+    The diffusers rollout pipeline of Qwen-Image (:class:`DiffusersQwenImagePipelineWithLogProb`: our
     transformer, :class:`FlowMatchSDEDiscreteScheduler`, optional VAE) with the condition image:
     the target noise is denoised with the condition tokens appended at every step, as diffusers'
     ``QwenImageEditPlusPipeline`` does, through the training adapter's step functions. Prompt
@@ -85,7 +83,7 @@ class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImageP
             width: target width in pixels; default (and checked against) the target shape's cols.
             num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator, latents,
             output_type, attention_kwargs, max_sequence_length, noise_level, sde_window_size,
-            sde_window_range, sde_type, logprobs: as :meth:`QwenImagePipelineWithLogProb.forward`.
+            sde_window_range, sde_type, logprobs: as :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
 
         Returns:
             QwenImageRolloutOutput: images, ``all_latents`` / ``all_log_probs`` / ``all_timesteps``
@@ -94,7 +92,7 @@ class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImageP
         Raises:
             ValueError: no prompt embeddings or condition latents; condition latents or
                 ``img_shapes`` that do not match the batch, the channels or the target size; and as
-                :meth:`QwenImagePipelineWithLogProb.forward`.
+                :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
             TypeError: an argument of the wrong type.
         """
         if prompt_embeds is None:
@@ -161,3 +159,9 @@ class QwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, QwenImageP
             sde_windows=result["sde_windows"],
             rl={CONDITION_LATENTS_KEY: condition_image_latents, IMG_SHAPES_KEY: img_shapes},
         )
+
+
+QwenImageEditPlusPipelineWithLogProb = DiffusersQwenImageEditPlusPipelineWithLogProb
+"""The pipeline's former name, kept for the code and configs that name it. The vllm-omni rollout
+pipeline carries it now (verl-omni's name); where vllm-omni is not installed, the rollout registry
+answers this path for ``("QwenImageEditPlusPipeline", "flow_grpo")``."""

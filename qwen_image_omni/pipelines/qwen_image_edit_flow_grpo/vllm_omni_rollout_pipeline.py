@@ -1,7 +1,7 @@
-"""Qwen-Image-Edit-Plus FlowGRPO rollout pipeline on vllm-omni (needs vllm-omni; imported by the integration).
+"""Qwen-Image-Edit-Plus FlowGRPO rollout pipeline on vllm-omni (needs vllm-omni; imported when an engine asks for it).
 
 :class:`QwenImageEditPlusPipelineWithLogProb` is vllm-omni's ``QwenImageEditPlusPipeline`` with our
-transformer (:class:`qwen_image_omni.integrations.vllm_omni.QwenImageEditPlusPipeline`) running the
+transformer (:class:`qwen_image_omni.integrations.vllm_omni.pipelines.QwenImageEditPlusPipeline`) running the
 Qwen-Image rollout loop (:class:`~..qwen_image_flow_grpo.rollout.QwenImageRolloutMixin`) with the
 condition handling of :class:`~.rollout.QwenImageEditRolloutMixin`, the loop of the diffusers Edit
 rollout pipeline, so trainer log-probs equal rollout log-probs. RL frameworks load it with
@@ -35,8 +35,7 @@ from vllm_omni.diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from vllm_omni.diffusion.utils.size_utils import normalize_min_aligned_size
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 
-from ...integrations.vllm_omni import QwenImageEditPlusPipeline
-from ..model_base import VllmOmniPipelineBase
+from ...integrations.vllm_omni.pipelines import QwenImageEditPlusPipeline
 from ..qwen_image_flow_grpo.common import OUTPUT_TYPES, latent_grid, sde_scheduler
 from ..qwen_image_flow_grpo.rollout import QwenImageRolloutMixin, RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb, VllmOmniStepRolloutMixin
@@ -58,7 +57,6 @@ def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tens
     return embeds, masks
 
 
-@VllmOmniPipelineBase.register(ARCHITECTURE, algorithm="flow_grpo", replace=True)
 class QwenImageEditPlusPipelineWithLogProb(
     VllmOmniStepRolloutMixin, QwenImageEditRolloutMixin, QwenImageRolloutMixin, QwenImageEditPlusPipeline
 ):

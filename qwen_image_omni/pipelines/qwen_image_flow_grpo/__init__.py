@@ -6,8 +6,10 @@
   ``("QwenImagePipeline", "flow_grpo")``;
 - :mod:`.rollout`: :class:`QwenImageRolloutMixin`, the rollout loop the diffusers and the vllm-omni
   rollout pipelines share, and :class:`QwenImageRolloutOutput`;
-- :mod:`.diffusers_rollout_pipeline`: :class:`QwenImagePipelineWithLogProb` on diffusers;
-- :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, imported only with vllm-omni installed.
+- :mod:`.diffusers_rollout_pipeline`: :class:`DiffusersQwenImagePipelineWithLogProb` on diffusers
+  (also importable as ``QwenImagePipelineWithLogProb``, its former name);
+- :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, verl-omni's ``QwenImagePipelineWithLogProb``,
+  imported only when an engine asks for it by its dotted path.
 
 Trainer and rollout run the same step functions, and no text length is passed anywhere: the
 transformer takes the text RoPE length from ``encoder_hidden_states.shape[1]``, so the trainer may
@@ -15,6 +17,7 @@ re-collate the rollout's prompt embeddings to any right-padded width and still s
 transitions.
 """
 
+from ..model_base import VllmOmniPipelineBase
 from .common import (
     QWEN_IMAGE_SCHEDULER_CONFIG,
     QWEN_IMAGE_VAE_SCALE_FACTOR,
@@ -29,13 +32,23 @@ from .common import (
     sde_scheduler,
     set_qwen_image_timesteps,
 )
-from .diffusers_rollout_pipeline import QwenImagePipelineWithLogProb
+from .diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb, QwenImagePipelineWithLogProb
 from .diffusers_training_adapter import QwenImage
 from .rollout import QwenImageRolloutMixin, QwenImageRolloutOutput
+
+# The rollout pipelines, by dotted path: the vllm-omni one answers where vllm-omni is installed, and is
+# imported only when asked for (an engine's custom_pipeline_name), never here.
+VllmOmniPipelineBase.register_paths(
+    "QwenImagePipeline",
+    "flow_grpo",
+    diffusers=f"{__name__}.diffusers_rollout_pipeline.QwenImagePipelineWithLogProb",
+    vllm_omni=f"{__name__}.vllm_omni_rollout_pipeline.QwenImagePipelineWithLogProb",
+)
 
 __all__ = [
     "QWEN_IMAGE_SCHEDULER_CONFIG",
     "QWEN_IMAGE_VAE_SCALE_FACTOR",
+    "DiffusersQwenImagePipelineWithLogProb",
     "QwenImage",
     "QwenImagePipelineWithLogProb",
     "QwenImageRolloutMixin",

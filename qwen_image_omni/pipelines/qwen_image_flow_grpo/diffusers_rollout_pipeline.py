@@ -13,25 +13,25 @@ from diffusers import QwenImagePipeline
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...models import QwenImageTransformer2DModel
-from ..model_base import VllmOmniPipelineBase
 from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
 from .common import OUTPUT_TYPES, _check_rollout_scales, sde_scheduler
 from .rollout import QwenImageRolloutMixin, QwenImageRolloutOutput, QwenImageTokenIdPrompts
 
-__all__ = ["QwenImagePipelineWithLogProb"]
+__all__ = ["DiffusersQwenImagePipelineWithLogProb", "QwenImagePipelineWithLogProb"]
 
 logger = logging.getLogger(__name__)
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo")
-class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImageTokenIdPrompts, QwenImagePipeline):
+
+class DiffusersQwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImageTokenIdPrompts, QwenImagePipeline):
     """Rollout pipeline for Qwen-Image that records the SDE window's latents and log-probabilities.
 
     A diffusers ``QwenImagePipeline`` (so ``DiffusionPipeline``: ``register_modules``,
     ``from_pretrained``, ``to``) with :class:`FlowMatchSDEDiscreteScheduler` and our transformer;
     the text encoder, tokenizer and VAE are optional (precomputed embeddings in, latents out).
     Runs without vllm-omni; with vllm-omni installed, ``VllmOmniPipelineBase`` maps
-    ``("QwenImagePipeline", "flow_grpo")`` to the vllm-omni twin in
-    ``qwen_image_omni.integrations.vllm_omni``, which runs the same :class:`QwenImageRolloutMixin` loop.
+    ``("QwenImagePipeline", "flow_grpo")`` to the vllm-omni twin in :mod:`.vllm_omni_rollout_pipeline`
+    (:class:`~.vllm_omni_rollout_pipeline.QwenImagePipelineWithLogProb`), which runs the same
+    :class:`QwenImageRolloutMixin` loop.
     """
 
     _optional_components = ["vae", "text_encoder", "tokenizer"]
@@ -218,3 +218,9 @@ class QwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImageTokenIdPrompt
         std = torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         image = self.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
         return self.image_processor.postprocess(image, output_type=output_type)
+
+
+QwenImagePipelineWithLogProb = DiffusersQwenImagePipelineWithLogProb
+"""The pipeline's former name, kept for the code and configs that name it. The vllm-omni rollout
+pipeline carries it now (verl-omni's name); where vllm-omni is not installed, the rollout registry
+answers this path for ``("QwenImagePipeline", "flow_grpo")``."""

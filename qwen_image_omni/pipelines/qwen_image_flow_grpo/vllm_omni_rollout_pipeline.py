@@ -1,7 +1,7 @@
-"""Qwen-Image FlowGRPO rollout pipeline on vllm-omni (needs vllm-omni; imported by the integration).
+"""Qwen-Image FlowGRPO rollout pipeline on vllm-omni (needs vllm-omni; imported when an engine asks for it).
 
 :class:`QwenImagePipelineWithLogProb` is vllm-omni's ``QwenImagePipeline`` with our transformer
-(:class:`qwen_image_omni.integrations.vllm_omni.QwenImagePipeline`) running the same
+(:class:`qwen_image_omni.integrations.vllm_omni.pipelines.QwenImagePipeline`) running the same
 :class:`~.rollout.QwenImageRolloutMixin` loop as the diffusers rollout pipeline, so trainer log-probs
 equal rollout log-probs. RL frameworks load it with ``load_format="custom_pipeline"`` and
 ``custom_pipeline_name=VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "flow_grpo")``.
@@ -29,8 +29,7 @@ from vllm_omni.diffusion.worker.input_batch import InputBatch
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 from vllm_omni.diffusion.worker.utils import StepRequestState
 
-from ...integrations.vllm_omni import QwenImagePipeline
-from ..model_base import VllmOmniPipelineBase
+from ...integrations.vllm_omni.pipelines import QwenImagePipeline
 from ..request_batch import NEGATIVE_TOKEN_ID_KEYS, PROMPT_TOKEN_ID_KEYS, collate_token_ids
 from ..rollout_output import PROMPT_EMBEDDING_KEYS, per_request_rollouts
 from .common import sde_scheduler
@@ -42,13 +41,13 @@ __all__ = [
     "QwenImagePipelineWithLogProb",
     "VllmOmniStepRolloutMixin",
     "merge_micro_batches",
+    "options_from_extra_args",
     "request_of_state",
-    "rollout_options",
 ]
 
 
-def rollout_options(defaults: dict[str, Any], extra_args: dict[str, Any] | None) -> dict[str, Any]:
-    """``defaults`` overridden by the same keys of ``extra_args``."""
+def options_from_extra_args(defaults: dict[str, Any], extra_args: dict[str, Any] | None) -> dict[str, Any]:
+    """``defaults`` overridden by the same keys of a request's ``sampling_params.extra_args``; other keys ignored."""
     extra_args = extra_args or {}
     return {name: extra_args.get(name, default) for name, default in defaults.items()}
 
@@ -296,7 +295,6 @@ class VllmOmniStepRolloutMixin:
         return output
 
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="flow_grpo", replace=True)
 class QwenImagePipelineWithLogProb(
     VllmOmniStepRolloutMixin, QwenImageRolloutMixin, QwenImageTokenIdPrompts, QwenImagePipeline
 ):
@@ -331,7 +329,7 @@ class QwenImagePipelineWithLogProb(
                 "sde_contiguous=False is not supported by the Qwen-Image rollout: its trajectory records one "
                 "contiguous SDE window (all_latents are consecutive states); set algo.sde_contiguous=true"
             )
-        return rollout_options(ROLLOUT_OPTIONS, extra_args)
+        return options_from_extra_args(ROLLOUT_OPTIONS, extra_args)
 
     @torch.no_grad()
     def forward(self, req: DiffusionRequestBatch) -> list[DiffusionOutput]:

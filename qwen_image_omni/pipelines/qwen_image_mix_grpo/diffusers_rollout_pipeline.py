@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..model_base import VllmOmniPipelineBase
-from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import QwenImagePipelineWithLogProb
+from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb
 from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
 from .diffusers_training_adapter import QwenImageMixGRPO, pin_sde_window_range
 
-__all__ = ["QwenImageMixGRPOPipelineWithLogProb"]
+__all__ = ["DiffusersQwenImageMixGRPOPipelineWithLogProb", "QwenImageMixGRPOPipelineWithLogProb"]
 
 
 
-@VllmOmniPipelineBase.register("QwenImagePipeline", algorithm="mix_grpo")
-class QwenImageMixGRPOPipelineWithLogProb(QwenImagePipelineWithLogProb):
+class DiffusersQwenImageMixGRPOPipelineWithLogProb(DiffusersQwenImagePipelineWithLogProb):
     """Rollout pipeline for Qwen-Image with the MixGRPO algorithm.
 
-    :class:`QwenImagePipelineWithLogProb` whose SDE window is placed by
+    :class:`DiffusersQwenImagePipelineWithLogProb` whose SDE window is placed by
     :func:`mix_grpo_sde_window` (same window on every rank for a training step) instead of a
     per-call random draw. Steps run through :class:`QwenImageMixGRPO` (= :class:`QwenImage`'s functions).
     """
@@ -36,19 +34,25 @@ class QwenImageMixGRPOPipelineWithLogProb(QwenImagePipelineWithLogProb):
         sde_window_seed: int = 0,
         **kwargs: Any,
     ) -> QwenImageRolloutOutput:
-        """End-to-end generation with the MixGRPO window; see :meth:`QwenImagePipelineWithLogProb.forward`.
+        """End-to-end generation with the MixGRPO window; see :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
 
         Args:
-            *args: passed on to :meth:`QwenImagePipelineWithLogProb.forward`.
+            *args: passed on to :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
             sde_window_size: number of SDE steps; None: the full window, nothing to slide.
             sde_window_range: ``(low, high)`` envelope of the window.
             sample_strategy: ``"random"`` or ``"progressive"``.
             global_steps: the trainer's current training step.
             iters_per_group: ``"progressive"``: training steps per window advance.
             sde_window_seed: ``"random"``: base seed of the per-step draw.
-            **kwargs: passed on to :meth:`QwenImagePipelineWithLogProb.forward`.
+            **kwargs: passed on to :meth:`DiffusersQwenImagePipelineWithLogProb.forward`.
         """
         sde_window_range = pin_sde_window_range(
             sde_window_size, sde_window_range, sample_strategy, global_steps, iters_per_group, sde_window_seed
         )
         return super().forward(*args, sde_window_size=sde_window_size, sde_window_range=sde_window_range, **kwargs)
+
+
+QwenImageMixGRPOPipelineWithLogProb = DiffusersQwenImageMixGRPOPipelineWithLogProb
+"""The pipeline's former name, kept for the code and configs that name it. The vllm-omni rollout
+pipeline carries it now (verl-omni's name); where vllm-omni is not installed, the rollout registry
+answers this path for ``("QwenImagePipeline", "mix_grpo")``."""

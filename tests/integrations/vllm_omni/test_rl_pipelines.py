@@ -28,14 +28,20 @@ from vllm_omni.diffusion.models.qwen_image import pipeline_qwen_image_edit_plus 
 from qwen_image_omni.integrations import vllm_omni as integration  # noqa: E402
 from qwen_image_omni.pipelines import DiffusionModelConfig, VllmOmniPipelineBase, utils  # noqa: E402
 from qwen_image_omni.pipelines.qwen_image_diffusion_nft import (  # noqa: E402
-    QwenImageDiffusionNFTPipeline as DiffusersNFTPipeline,
+    DiffusersQwenImageDiffusionNFTPipeline as DiffusersNFTPipeline,
+)
+from qwen_image_omni.pipelines.qwen_image_diffusion_nft.vllm_omni_rollout_pipeline import (  # noqa: E402
+    QwenImageDiffusionNFTPipeline,
 )
 from qwen_image_omni.pipelines.qwen_image_edit_flow_grpo import (  # noqa: E402
-    QwenImageEditPlusPipelineWithLogProb as DiffusersEditPipeline,
+    DiffusersQwenImageEditPlusPipelineWithLogProb as DiffusersEditPipeline,
+)
+from qwen_image_omni.pipelines.qwen_image_edit_flow_grpo.vllm_omni_rollout_pipeline import (  # noqa: E402
+    QwenImageEditPlusPipelineWithLogProb,
 )
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 
-from .test_vllm_omni import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
+from .test_pipelines import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
     IMAGE_TOKENS,
     ROLLOUT_EXTRA_ARGS,
     SIZE,
@@ -80,7 +86,7 @@ def nft_pipeline(od_config):  # noqa: F811
     pipe = DiffusersPipelineLoader(LoadConfig(), od_config).load_model(
         "cpu", load_format="custom_pipeline", custom_pipeline_name=path
     )
-    assert type(pipe) is integration.QwenImageDiffusionNFTPipeline
+    assert type(pipe) is QwenImageDiffusionNFTPipeline
     return pipe
 
 
@@ -143,7 +149,7 @@ def edit_pipeline(od_config):  # noqa: F811
         pipe = DiffusersPipelineLoader(LoadConfig(), config).load_model(
             "cpu", load_format="custom_pipeline", custom_pipeline_name=path
         )
-    assert type(pipe) is integration.QwenImageEditPlusPipelineWithLogProb
+    assert type(pipe) is QwenImageEditPlusPipelineWithLogProb
     return pipe
 
 

@@ -1,9 +1,9 @@
-"""vllm-omni integration: Qwen-Image pipelines that run our transformer, and the plugin that registers them.
+"""vllm-omni's Qwen-Image pipelines with our transformer: what the plugin serves.
 
-vllm-omni loads this module through its plugin entry point (``vllm_omni.general_plugins``, see
-``pyproject.toml``); :func:`register` then points vllm-omni's diffusion registry at the pipelines
-below for ``QwenImagePipeline``, ``QwenImageEditPipeline``, ``QwenImageEditPlusPipeline`` and
-``QwenImageLayeredPipeline``. Installing qwen-image-omni beside vllm-omni is all a user does.
+:func:`qwen_image_omni.integrations.vllm_omni.register` (the plugin entry point) points vllm-omni's
+diffusion registry at the pipelines of this module for ``QwenImagePipeline``,
+``QwenImageEditPipeline``, ``QwenImageEditPlusPipeline`` and ``QwenImageLayeredPipeline``
+(:data:`PIPELINES`). Installing qwen-image-omni beside vllm-omni is all a user does.
 
 Each pipeline is vllm-omni's own class with one change: ``self.transformer`` is our
 :class:`~qwen_image_omni.QwenImageTransformer2DModel`, built from the checkpoint's transformer
@@ -16,13 +16,10 @@ text RoPE length from ``encoder_hidden_states.shape[1]``, so no text length is c
 - Edit, Edit-Plus and Layered keep vllm-omni's ``forward``, which still hands ``diffuse`` two
   width-derived length lists positionally; ``diffuse`` drops them before the transformer.
 
-:class:`QwenImagePipelineWithLogProb` is the FlowGRPO rollout pipeline on vllm-omni: the same
-:class:`~qwen_image_omni.pipelines.qwen_image_flow_grpo.QwenImageRolloutMixin` loop as the diffusers
-rollout pipeline, so trainer log-probs equal rollout log-probs. It and its siblings for MixGRPO, DPO,
-DiffusionNFT, Edit-Plus FlowGRPO and Dual-GRPO live in their algorithm's package
-(``pipelines/<arch>_<algorithm>/vllm_omni_rollout_pipeline.py``); imported at the bottom of this
-module, they register on ``VllmOmniPipelineBase``, and RL frameworks load them with
-``load_format="custom_pipeline"`` and ``custom_pipeline_name=VllmOmniPipelineBase.get_pipeline_path(...)``.
+The RL rollout pipelines on vllm-omni subclass these; they live with their algorithms
+(``qwen_image_omni/pipelines/<arch>_<algorithm>/vllm_omni_rollout_pipeline.py``), and nothing here
+imports them: an engine loads one by its dotted path (``load_format="custom_pipeline"``,
+``custom_pipeline_name=VllmOmniPipelineBase.get_pipeline_path(...)``).
 
 Importing this module needs vllm-omni; the rest of the package imports without it.
 """
@@ -37,16 +34,15 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
-from vllm.logger import init_logger
 
 try:
-    from vllm_omni.diffusion import registry as omni_registry
+    from vllm.logger import init_logger
+    from vllm_omni.diffusion.data import DiffusionOutput, OmniDiffusionConfig
 except ImportError as error:  # pragma: no cover - exercised only without vllm-omni
     raise ImportError(
         "qwen_image_omni.integrations.vllm_omni needs vllm-omni: pip install 'qwen-image-omni[vllm-omni]'"
     ) from error
 
-from vllm_omni.diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from vllm_omni.diffusion.models.qwen_image import (
     pipeline_qwen_image,
     pipeline_qwen_image_edit,
@@ -56,7 +52,7 @@ from vllm_omni.diffusion.models.qwen_image import (
 from vllm_omni.diffusion.utils.size_utils import normalize_min_aligned_size
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch, split_diffusion_output_by_request
 
-# vllm-omni looks the process functions up by name in the module that registers a pipeline
+# vllm-omni looks the process functions up by name in the module a pipeline is registered from
 # (``register_diffusion_model``), so this module re-exports those of vllm-omni's own modules.
 from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image import get_qwen_image_post_process_func
 from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image_edit import (
@@ -71,25 +67,21 @@ from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image_layered import (
     get_qwen_image_layered_pre_process_func,
 )
 
-from ..models import QwenImageTransformer2DModel
-from .vllm_omni_features import features_handed_to_vllm_omni
-from .vllm_omni_linear import diffusers_parameter_name, use_vllm_linear_layers
-from .vllm_omni_parallel import route_attention_through_vllm_omni, wants_vllm_omni_attention
-from .vllm_omni_teacache import register_teacache_extractor
+from ...models import QwenImageTransformer2DModel
+from .features import features_handed_to_vllm_omni
+from .linear import diffusers_parameter_name, use_vllm_linear_layers
+from .parallel import route_attention_through_vllm_omni, wants_vllm_omni_attention
 
-logger = init_logger(f"vllm.{__name__}")  # as in vllm_omni_parallel: vllm's logging config applies
+logger = init_logger(f"vllm.{__name__}")  # as in .parallel: vllm's logging config applies
 
 __all__ = [
+    "PIPELINES",
+    "TRANSFORMER_PREFIX",
     "QwenImageEditPipeline",
     "QwenImageEditPlusPipeline",
     "QwenImageLayeredPipeline",
-    "QwenImageDPOPipeline",
-    "QwenImageDiffusionNFTPipeline",
-    "QwenImageEditPlusPipelineWithLogProb",
-    "QwenImagePipelineWithDualLogProb",
-    "QwenImageMixGRPOPipelineWithLogProb",
+    "QwenImageOmniMixin",
     "QwenImagePipeline",
-    "QwenImagePipelineWithLogProb",
     "build_transformer",
     "get_qwen_image_edit_plus_post_process_func",
     "get_qwen_image_edit_plus_pre_process_func",
@@ -97,7 +89,6 @@ __all__ = [
     "get_qwen_image_edit_pre_process_func",
     "get_qwen_image_layered_pre_process_func",
     "get_qwen_image_post_process_func",
-    "register",
 ]
 
 TRANSFORMER_PREFIX = "transformer."
@@ -118,13 +109,13 @@ def build_transformer(od_config: OmniDiffusionConfig, quant_config: Any = None) 
     ``from_config`` does.
 
     Every ``nn.Linear`` is swapped for vllm's ``ReplicatedLinear``
-    (:func:`~qwen_image_omni.integrations.vllm_omni_linear.use_vllm_linear_layers`): same state-dict
+    (:func:`~qwen_image_omni.integrations.vllm_omni.linear.use_vllm_linear_layers`): same state-dict
     keys and outputs, and vllm-omni's LoRA manager (static ``lora_path``, per-request ``LoRARequest``)
     can wrap them.
 
     When the engine names a diffusion attention backend or runs sequence parallel, the blocks
     attend through vllm-omni's ``Attention`` and the instance carries vllm-omni's ``_sp_plan``
-    (:mod:`~qwen_image_omni.integrations.vllm_omni_parallel`).
+    (:mod:`~qwen_image_omni.integrations.vllm_omni.parallel`).
 
     Raises:
         ValueError: a quantization config is set; our transformer runs unquantized weights only.
@@ -194,7 +185,7 @@ class QwenImageOmniMixin:
         """This class, or vllm-omni's own pipeline when the engine asks for a feature ours does not support.
 
         The hand-over is logged in one line naming the features and why
-        (:mod:`qwen_image_omni.integrations.vllm_omni_features`); the engine then runs exactly as
+        (:mod:`qwen_image_omni.integrations.vllm_omni.features`); the engine then runs exactly as
         without our plugin.
 
         Raises:
@@ -539,7 +530,7 @@ class QwenImageLayeredPipeline(
 
 
 # --------------------------------------------------------------------------------------------------
-# The plugin.
+# What the plugin registers.
 # --------------------------------------------------------------------------------------------------
 
 PIPELINES: dict[str, dict[str, str | None]] = {
@@ -554,27 +545,5 @@ PIPELINES: dict[str, dict[str, str | None]] = {
     },
     "QwenImageLayeredPipeline": {"pre_process_func_name": "get_qwen_image_layered_pre_process_func"},
 }
-"""The architectures :func:`register` takes over (``model_index.json`` ``_class_name``), each with
+"""The architectures the plugin's ``register`` takes over (``model_index.json`` ``_class_name``), each with
 the process functions vllm-omni's own module provides, re-exported here under the same names."""
-
-
-def register() -> None:
-    """vllm-omni plugin entry point: serve the Qwen-Image architectures with this module's pipelines.
-
-    Called by ``vllm_omni.plugins.load_omni_general_plugins`` once in every vllm-omni process.
-    Idempotent: registering again rewrites the same registry entries. Also registers vllm-omni's
-    TeaCache extractor for our transformer (:mod:`qwen_image_omni.integrations.vllm_omni_teacache`).
-    """
-    for architecture, process_functions in PIPELINES.items():
-        omni_registry.register_diffusion_model(architecture, __name__, architecture, **process_functions)
-    register_teacache_extractor()
-
-
-# The RL rollout pipelines on vllm-omni live with their algorithms (``pipelines/<arch>_<algorithm>/``)
-# and subclass the pipelines above; importing them here registers them on VllmOmniPipelineBase.
-from ..pipelines.qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb  # noqa: E402
-from ..pipelines.qwen_image_mix_grpo.vllm_omni_rollout_pipeline import QwenImageMixGRPOPipelineWithLogProb  # noqa: E402
-from ..pipelines.qwen_image_dpo.vllm_omni_rollout_pipeline import QwenImageDPOPipeline  # noqa: E402
-from ..pipelines.qwen_image_dual_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithDualLogProb  # noqa: E402
-from ..pipelines.qwen_image_diffusion_nft.vllm_omni_rollout_pipeline import QwenImageDiffusionNFTPipeline  # noqa: E402
-from ..pipelines.qwen_image_edit_flow_grpo.vllm_omni_rollout_pipeline import QwenImageEditPlusPipelineWithLogProb  # noqa: E402

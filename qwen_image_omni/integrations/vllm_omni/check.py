@@ -2,8 +2,10 @@
 
 It loads the plugin the way vllm-omni does (the ``vllm_omni.general_plugins`` entry point), asks
 vllm-omni's registry which pipeline class it now builds for each Qwen-Image architecture, and
-prints the feature table of :mod:`qwen_image_omni.integrations.vllm_omni_features`: which engine
+prints the feature table of :mod:`qwen_image_omni.integrations.vllm_omni.features`: which engine
 features run on our transformer and which make the plugin hand the engine to vllm-omni's own.
+
+This module imports without vllm-omni (it says so when it is missing).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
-from .vllm_omni_features import ENGINE_FEATURES
+from .features import ENGINE_FEATURES
 
 PLUGIN_GROUP = "vllm_omni.general_plugins"
 PLUGIN_NAME = "qwen_image_omni"
@@ -64,10 +66,12 @@ def check_vllm_omni() -> int:
         return 1
     try:
         register = plugins[0].load()
+        # What register() imports, imported here first: register() would only log a failure (as vllm-omni does).
+        from . import pipelines as integration
+        from . import teacache  # noqa: F401
+
         register()
         from vllm_omni.diffusion.registry import DiffusionModelRegistry
-
-        from . import vllm_omni as integration
     except Exception as error:  # noqa: BLE001 - any import failure means vllm-omni serves without us
         print(f"plugin: FAIL, {plugins[0].value} does not load: {type(error).__name__}: {error}")
         print("vllm-omni then logs the error and serves its own Qwen-Image transformer.")

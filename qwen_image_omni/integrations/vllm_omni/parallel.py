@@ -18,7 +18,7 @@ Outside vllm-omni nothing changes: the class keeps diffusers' processor and no `
 instance built for vllm-omni (``build_transformer``) is rerouted. The extra modules hold no
 parameters or buffers, so state-dict keys, weight loading, layerwise offload and HSDP are unaffected.
 
-Tested on the full engine (CPU platform, ``tests/test_vllm_omni_offload.py``): single-rank images
+Tested on the full engine (CPU platform, ``tests/integrations/vllm_omni/test_offload.py``): single-rank images
 equal the diffusers-attention ones; Ulysses over two ranks equals single rank, and with an odd image
 token count (vllm-omni's auto-padding) equals vllm-omni's own transformer. Not tested: ring
 attention (vllm-omni's ring kernel calls a CUDA-only op, for its own transformer too), Edit-Plus
@@ -41,7 +41,7 @@ from vllm_omni.diffusion.attention.layer import Attention as OmniAttention
 from vllm_omni.diffusion.distributed.sp_plan import SequenceParallelInput, SequenceParallelOutput
 from vllm_omni.diffusion.forward_context import get_forward_context, is_forward_context_available
 
-from ..models.transformer_qwenimage import QwenDoubleStreamAttnProcessor, QwenImageTransformer2DModel
+from ...models.transformer_qwenimage import QwenDoubleStreamAttnProcessor, QwenImageTransformer2DModel
 
 # Under "vllm." so vllm's logging config (INFO, its format) applies; a bare name would drop INFO lines.
 logger = init_logger(f"vllm.{__name__}")

@@ -1,9 +1,9 @@
 """vllm-omni's TeaCache (``cache_backend="tea_cache"``) on our transformer.
 
-Unit level: our extractor (``qwen_image_omni.integrations.vllm_omni_teacache``) splits a forward
+Unit level: our extractor (``qwen_image_omni.integrations.vllm_omni.teacache``) splits a forward
 into exactly what the forward computes, the dispatcher sends other modules to vllm-omni's own
 extractor, and vllm-omni's TeaCache hook on our transformer skips blocks. Engine level (the full
-engine on the CPU, ``tests/vllm_omni_engine.py``): an engine with our plugin and TeaCache serves our
+engine on the CPU, ``tests/support/vllm_omni_engine.py``): an engine with our plugin and TeaCache serves our
 transformer, its images differ from uncached ones, and equal vllm-omni's own transformer under the
 same TeaCache config and diffusers' pipeline running our transformer under vllm-omni's hook.
 """
@@ -23,14 +23,14 @@ from vllm_omni.diffusion.cache.teacache import hook as teacache_hook  # noqa: E4
 from vllm_omni.diffusion.cache.teacache.extractors import get_extractor  # noqa: E402
 
 from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
-from qwen_image_omni.integrations.vllm_omni_teacache import (  # noqa: E402
+from qwen_image_omni.integrations.vllm_omni.teacache import (  # noqa: E402
     extract_teacache_context,
     register_teacache_extractor,
     teacache_coefficients,
 )
 
-from .tiny import make_inputs, make_pair, run  # noqa: E402
-from .vllm_omni_engine import OURS, VLLM_OMNI_OWN, has_cpu_platform, run_engine_job  # noqa: E402
+from ...tiny import make_inputs, make_pair, run  # noqa: E402
+from ...support.vllm_omni_engine import OURS, VLLM_OMNI_OWN, has_cpu_platform, run_engine_job  # noqa: E402
 
 TRANSFORMER_TYPE = "QwenImageTransformer2DModel"
 STEPS = 6

@@ -12,14 +12,17 @@ pytest.importorskip("vllm_omni", reason="needs vllm-omni (make test-vllm-omni)")
 from vllm_omni.diffusion.data import OmniDiffusionConfig  # noqa: E402
 from vllm_omni.diffusion.models.qwen_image import pipeline_qwen_image  # noqa: E402
 
-from qwen_image_omni.integrations import vllm_omni as integration  # noqa: E402
-from qwen_image_omni.integrations.vllm_omni_features import (  # noqa: E402
+from qwen_image_omni.integrations.vllm_omni import pipelines as integration  # noqa: E402
+from qwen_image_omni.integrations.vllm_omni.features import (  # noqa: E402
     ENGINE_FEATURES,
     EngineFeature,
     features_handed_to_vllm_omni,
 )
+from qwen_image_omni.pipelines.qwen_image_flow_grpo.vllm_omni_rollout_pipeline import (  # noqa: E402
+    QwenImagePipelineWithLogProb,
+)
 
-from .test_vllm_omni import od_config  # noqa: E402,F401 - the module-scoped engine config fixture
+from .test_pipelines import od_config  # noqa: E402,F401 - the module-scoped engine config fixture
 
 LACKING = EngineFeature("Test feature", "test_option", lambda config: True, native=False, why="a test says so")
 
@@ -88,4 +91,4 @@ def test_pipeline_hands_the_engine_to_vllm_omni_own_pipeline_and_logs_why(
 def test_rollout_pipeline_refuses_a_feature_ours_lacks(od_config, monkeypatch):  # noqa: F811
     monkeypatch.setattr(integration, "features_handed_to_vllm_omni", lambda config: [LACKING])
     with pytest.raises(ValueError, match=r"QwenImagePipelineWithLogProb .* does not support Test feature"):
-        integration.QwenImagePipelineWithLogProb(od_config=od_config)
+        QwenImagePipelineWithLogProb(od_config=od_config)

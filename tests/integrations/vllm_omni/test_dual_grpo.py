@@ -17,15 +17,17 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from vllm.config import LoadConfig  # noqa: E402
 from vllm_omni.diffusion.model_loader.diffusers_loader import DiffusersPipelineLoader  # noqa: E402
 
-from qwen_image_omni.integrations import vllm_omni as integration  # noqa: E402
 from qwen_image_omni.pipelines import VllmOmniPipelineBase  # noqa: E402
 from qwen_image_omni.pipelines.qwen_image_dual_grpo import QwenImageDualGRPO  # noqa: E402
 from qwen_image_omni.pipelines.qwen_image_dual_grpo import (  # noqa: E402
-    QwenImagePipelineWithDualLogProb as DiffusersDualPipeline,
+    DiffusersQwenImagePipelineWithDualLogProb as DiffusersDualPipeline,
+)
+from qwen_image_omni.pipelines.qwen_image_dual_grpo.vllm_omni_rollout_pipeline import (  # noqa: E402
+    QwenImagePipelineWithDualLogProb,
 )
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 
-from .test_vllm_omni import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
+from .test_pipelines import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
     IMAGE_TOKENS,
     SIZE,
     assert_no_text_length,
@@ -73,9 +75,8 @@ def _latents():
     return torch.randn(2, IMAGE_TOKENS, 16, generator=torch.Generator().manual_seed(6))
 
 
-def test_integration_exports_the_dual_rollout(dual_pipeline):
-    assert type(dual_pipeline) is integration.QwenImagePipelineWithDualLogProb
-    assert "QwenImagePipelineWithDualLogProb" in integration.__all__
+def test_the_registry_loads_the_vllm_omni_dual_rollout(dual_pipeline):
+    assert type(dual_pipeline) is QwenImagePipelineWithDualLogProb
     assert dual_pipeline.training_adapter is QwenImageDualGRPO and dual_pipeline.supports_request_batch
 
 

@@ -40,15 +40,15 @@ from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
 from qwen_image_omni.integrations import vllm_omni as integration  # noqa: E402
 from qwen_image_omni.pipelines import DiffusionModelConfig, VllmOmniPipelineBase  # noqa: E402
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import (  # noqa: E402
+    DiffusersQwenImagePipelineWithLogProb as DiffusersRolloutPipeline,
     QwenImage,
-    QwenImagePipelineWithLogProb as DiffusersRolloutPipeline,
 )
 from qwen_image_omni.pipelines.qwen_image_mix_grpo import QwenImageMixGRPO  # noqa: E402
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 
-from .tiny_checkpoint import TEXT_DIM  # noqa: E402
-from .support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
-from .vllm_omni_engine import one_rank_vllm_world  # noqa: E402
+from ...tiny_checkpoint import TEXT_DIM  # noqa: E402
+from ...support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
+from ...support.vllm_omni_engine import one_rank_vllm_world  # noqa: E402
 
 ARCHITECTURES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageLayeredPipeline")
 SIZE = 64  # pixels: a 4x4 grid of packed latent tokens
@@ -208,9 +208,48 @@ def test_register_is_idempotent(od_config):
     )
 
 
-def test_rollout_pipeline_reachable_through_the_rl_registry():
-    path = VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "flow_grpo")
-    assert path == "qwen_image_omni.pipelines.qwen_image_flow_grpo.vllm_omni_rollout_pipeline.QwenImagePipelineWithLogProb"
+ROLLOUT_PIPELINES = {
+    ("QwenImagePipeline", "flow_grpo"): "qwen_image_flow_grpo.vllm_omni_rollout_pipeline.QwenImagePipelineWithLogProb",
+    ("QwenImagePipeline", "mix_grpo"): (
+        "qwen_image_mix_grpo.vllm_omni_rollout_pipeline.QwenImageMixGRPOPipelineWithLogProb"
+    ),
+    ("QwenImagePipeline", "dpo"): "qwen_image_dpo.vllm_omni_rollout_pipeline.QwenImageDPOPipeline",
+    ("QwenImagePipeline", "diffusion_nft"): (
+        "qwen_image_diffusion_nft.vllm_omni_rollout_pipeline.QwenImageDiffusionNFTPipeline"
+    ),
+    ("QwenImagePipeline", "dual_grpo"): (
+        "qwen_image_dual_grpo.vllm_omni_rollout_pipeline.QwenImagePipelineWithDualLogProb"
+    ),
+    ("QwenImageEditPlusPipeline", "flow_grpo"): (
+        "qwen_image_edit_flow_grpo.vllm_omni_rollout_pipeline.QwenImageEditPlusPipelineWithLogProb"
+    ),
+}
+"""What the RL registry answers with vllm-omni installed (under ``qwen_image_omni.pipelines.``): the
+paths verl-omni configs and ``custom_pipeline_name`` name, each the class's own module and name."""
+
+
+@pytest.mark.parametrize("key", ROLLOUT_PIPELINES, ids="/".join)
+def test_rollout_pipeline_reachable_through_the_rl_registry(key):
+    path = VllmOmniPipelineBase.get_pipeline_path(*key)
+    assert path == f"qwen_image_omni.pipelines.{ROLLOUT_PIPELINES[key]}"
+    cls = VllmOmniPipelineBase.get_class(*key)
+    assert f"{cls.__module__}.{cls.__qualname__}" == path
+    assert issubclass(cls, integration.QwenImageOmniMixin)
+    assert getattr(integration, cls.__name__) is cls  # the name this module exported before, still importable
+
+
+def test_every_rollout_pipeline_is_registered():
+    assert set(VllmOmniPipelineBase.registered()) == set(ROLLOUT_PIPELINES)
+
+
+def test_the_plugin_package_serves_the_names_of_its_pipelines_module():
+    from qwen_image_omni.integrations.vllm_omni import pipelines
+
+    for name in integration.__all__:
+        if name != "register":
+            assert getattr(integration, name) is getattr(pipelines, name), name
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        integration.nothing_here  # noqa: B018
 
 
 # ----------------------------------------------------------------------------- loading
@@ -542,7 +581,7 @@ def test_mix_grpo_rollout_uses_the_trainer_window(od_config, global_steps):
 
 def test_dpo_rollout_records_the_diffusers_clean_latents(od_config, checkpoint):
     """The DPO rollout on vllm-omni (custom pipeline) records the diffusers DPO rollout's clean latents."""
-    from qwen_image_omni.pipelines.qwen_image_dpo import QwenImageDPOPipeline as DiffusersDPOPipeline
+    from qwen_image_omni.pipelines.qwen_image_dpo import DiffusersQwenImageDPOPipeline as DiffusersDPOPipeline
 
     path = VllmOmniPipelineBase.get_pipeline_path("QwenImagePipeline", "dpo")
     assert path == "qwen_image_omni.pipelines.qwen_image_dpo.vllm_omni_rollout_pipeline.QwenImageDPOPipeline"

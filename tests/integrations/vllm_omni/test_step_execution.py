@@ -7,7 +7,7 @@ request mode through ``execute_model_batch`` (``forward``) on each request alone
 prompts of different lengths are in flight together, the second admitted one engine step later; each
 one's output must be request mode's for it alone, field by field (fp32, <= 1e-5).
 
-Full-engine tests (``Omni`` on the CPU platform, ``tests/vllm_omni_engine.py``): the FlowGRPO rollout
+Full-engine tests (``Omni`` on the CPU platform, ``tests/support/vllm_omni_engine.py``): the FlowGRPO rollout
 as verl-omni loads it (``custom_pipeline_args``, ``step_execution=True``), and a bf16 engine in step
 mode that must get through its dummy run and serve.
 """
@@ -43,8 +43,8 @@ from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
 from qwen_image_omni.integrations import vllm_omni as integration  # noqa: E402
 from qwen_image_omni.pipelines import VllmOmniPipelineBase  # noqa: E402
 
-from .support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
-from .test_vllm_omni import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
+from ...support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
+from .test_pipelines import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
     IMAGE_TOKENS,
     SIZE,
     assert_no_text_length,
@@ -53,9 +53,9 @@ from .test_vllm_omni import (  # noqa: E402  (vllm-omni fixtures: a one-rank wor
     rollout_pipeline,  # noqa: F401
     transformer_calls,
 )
-from .test_vllm_omni_dual_grpo import dual_pipeline, token_id_prompts  # noqa: E402, F401
-from .test_vllm_omni_rl_pipelines import CONDITION_SHAPES, TARGET_SHAPE, edit_pipeline, nft_pipeline  # noqa: E402, F401
-from .vllm_omni_engine import OURS, has_cpu_platform, run_engine_job  # noqa: E402
+from .test_dual_grpo import dual_pipeline, token_id_prompts  # noqa: E402, F401
+from .test_rl_pipelines import CONDITION_SHAPES, TARGET_SHAPE, edit_pipeline, nft_pipeline  # noqa: E402, F401
+from ...support.vllm_omni_engine import OURS, has_cpu_platform, run_engine_job  # noqa: E402
 
 STEPS = 3
 TOLERANCE = 1e-5

@@ -24,7 +24,7 @@ from vllm_omni.diffusion.cache.teacache import config as teacache_config
 from vllm_omni.diffusion.cache.teacache import extractors as teacache_extractors
 from vllm_omni.diffusion.cache.teacache.extractors import CacheContext
 
-from ..models.transformer_qwenimage import QwenImageTransformer2DModel, _modulate
+from ...models.transformer_qwenimage import QwenImageTransformer2DModel, modulate
 
 __all__ = ["extract_teacache_context", "register_teacache_extractor", "teacache_coefficients"]
 
@@ -56,12 +56,13 @@ def extract_teacache_context(
 ) -> CacheContext:
     """Split one forward of our transformer into vllm-omni's TeaCache :class:`CacheContext`.
 
-    Takes :meth:`QwenImageTransformer2DModel.forward`'s arguments, checks them as ``forward`` does,
-    and runs the part before the blocks (``img_in``, ``txt_norm``/``txt_in``, ``time_text_embed``,
-    RoPE from the text width). ``run_transformer_blocks()`` then runs the blocks (and ControlNet
-    residuals) and ``postprocess(h)`` ``norm_out``/``proj_out``: run in turn, they give ``forward``'s
-    output. The modulated input is block 0's AdaLN-modulated image stream (the tensor its attention
-    takes).
+    Takes :meth:`QwenImageTransformer2DModel.forward`'s arguments and runs the transformer's public
+    split of its forward: :meth:`~QwenImageTransformer2DModel.prepare_blocks` now (inputs checked as
+    ``forward`` checks them, embeddings, RoPE from the text width), then
+    ``run_transformer_blocks()`` is :meth:`~QwenImageTransformer2DModel.run_blocks` and
+    ``postprocess(h)`` :meth:`~QwenImageTransformer2DModel.output_head`: run in turn, they give
+    ``forward``'s output. The modulated input is block 0's AdaLN-modulated image stream (the tensor
+    its attention takes, :func:`~qwen_image_omni.models.transformer_qwenimage.modulate`).
 
     Raises:
         NotImplementedError: a LoRA ``scale`` other than 1 in ``attention_kwargs`` (PEFT scaling is
@@ -71,23 +72,23 @@ def extract_teacache_context(
     attention_kwargs = dict(attention_kwargs or {})
     if attention_kwargs.pop("scale", 1.0) != 1.0:
         raise NotImplementedError("a LoRA `scale` in attention_kwargs is not supported with vllm-omni's TeaCache")
-    blocks = module._prepare_blocks(
+    blocks = module.prepare_blocks(
         hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, guidance,
-        attention_kwargs, controlnet_block_samples, additional_t_cond, dict(legacy_kwargs),
+        attention_kwargs, controlnet_block_samples, additional_t_cond, **legacy_kwargs,
     )  # fmt: skip
 
     # What TeaCache compares between steps: block 0's modulated image stream.
     block0 = module.transformer_blocks[0]
     img_mod1 = block0.img_mod(blocks.temb).chunk(2, dim=-1)[0]
-    modulated_input, _ = _modulate(block0.img_norm1(blocks.hidden_states), img_mod1, blocks.modulate_index)
+    modulated_input, _ = modulate(block0.img_norm1(blocks.hidden_states), img_mod1, blocks.modulate_index)
 
     return CacheContext(
         modulated_input=modulated_input,
         hidden_states=blocks.hidden_states,
         encoder_hidden_states=blocks.encoder_hidden_states,
         temb=blocks.temb,
-        run_transformer_blocks=lambda: module._run_blocks(blocks),
-        postprocess=lambda h: module._output_head(h, blocks, return_dict),
+        run_transformer_blocks=lambda: module.run_blocks(blocks),
+        postprocess=lambda h: module.output_head(h, blocks, return_dict),
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("vllm_omni")
 
-from .vllm_omni_engine import has_cpu_platform, run_engine_job
+from ...support.vllm_omni_engine import has_cpu_platform, run_engine_job
 
 pytestmark = [
     pytest.mark.vllm_omni,
@@ -25,7 +25,7 @@ OUR_TRANSFORMER = "qwen_image_omni.models.transformer_qwenimage.QwenImageTransfo
 SAMPLING = {"height": 64, "width": 64, "num_inference_steps": 2, "seed": 0}
 # vllm-omni's log lines when layerwise offload finds no blocks on a transformer.
 OFFLOAD_SKIPPED = ("No _layerwise_offload_blocks_attrs defined", "Target layers (blocks) not found")
-# Our log line when the blocks attend through vllm-omni's Attention layer (vllm_omni_parallel).
+# Our log line when the blocks attend through vllm-omni's Attention layer (integrations.vllm_omni.parallel).
 ROUTED = "3 transformer blocks attend through vllm-omni's Attention (backend "
 
 
@@ -35,7 +35,7 @@ def checkpoint3(tmp_path_factory):
     import torch
     from diffusers import QwenImageTransformer2DModel as DiffusersTransformer
 
-    from .tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG, tiny_pipeline
+    from ...tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG, tiny_pipeline
 
     pipeline = tiny_pipeline()
     torch.manual_seed(1)
@@ -94,7 +94,7 @@ def test_hsdp_shard_conditions_select_exactly_the_blocks():
     """vllm-omni's ``shard_model`` wraps the modules our conditions pick: the blocks, nothing inside them."""
     from qwen_image_omni import QwenImageTransformer2DModel
 
-    from .tiny import TINY_CONFIG
+    from ...tiny import TINY_CONFIG
 
     model = QwenImageTransformer2DModel(**{**TINY_CONFIG, "num_layers": 3})
     conditions = model._hsdp_shard_conditions
@@ -110,7 +110,7 @@ def test_layerwise_offload_finds_our_blocks():
 
     from qwen_image_omni import QwenImageTransformer2DModel
 
-    from .tiny import TINY_CONFIG
+    from ...tiny import TINY_CONFIG
 
     model = QwenImageTransformer2DModel(**{**TINY_CONFIG, "num_layers": 3})
     attrs, blocks = get_blocks_from_dit(model)
@@ -119,7 +119,7 @@ def test_layerwise_offload_finds_our_blocks():
 
 
 # --------------------------------------------------------------------------------------------------
-# Attention through vllm-omni's Attention layer (qwen_image_omni.integrations.vllm_omni_parallel).
+# Attention through vllm-omni's Attention layer (qwen_image_omni.integrations.vllm_omni.parallel).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -140,7 +140,7 @@ import types
 import torch
 
 from qwen_image_omni import QwenImageTransformer2DModel
-from qwen_image_omni.integrations.vllm_omni_parallel import (
+from qwen_image_omni.integrations.vllm_omni.parallel import (
     VllmOmniDoubleStreamAttnProcessor,
     route_attention_through_vllm_omni,
 )
@@ -177,7 +177,7 @@ def test_routed_transformer_equals_diffusers_attention_and_keeps_its_keys():
     import subprocess
     import sys
 
-    from .vllm_omni_engine import REPO, engine_env
+    from ...support.vllm_omni_engine import REPO, engine_env
 
     process = subprocess.run(
         [sys.executable, "-c", ROUTING_UNIT],

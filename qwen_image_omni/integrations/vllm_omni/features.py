@@ -4,7 +4,7 @@ Our plugin must never take away a feature vllm-omni has with its own Qwen-Image 
 :class:`EngineFeature` says how to tell that an engine's ``OmniDiffusionConfig`` asks for the feature
 and whether ours supports it. :func:`features_handed_to_vllm_omni` lists the requested features ours
 does not support; the plugin's pipelines then build vllm-omni's own pipeline for that engine and log
-one line saying why (``qwen_image_omni.integrations.vllm_omni``), and ``qwen-image-omni check
+one line saying why (:mod:`qwen_image_omni.integrations.vllm_omni.pipelines`), and ``qwen-image-omni check
 --vllm-omni`` prints the same table.
 
 This module reads only plain attributes of the config, so it imports without vllm-omni.

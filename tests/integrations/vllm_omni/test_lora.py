@@ -1,9 +1,9 @@
 """LoRA with our transformer inside vllm-omni: static ``lora_path`` and per-request ``LoRARequest``.
 
 Inside vllm-omni our transformer's ``nn.Linear`` layers are vllm ``ReplicatedLinear`` layers
-(``qwen_image_omni.integrations.vllm_omni_linear``), which vllm-omni's LoRA manager wraps. The unit
+(``qwen_image_omni.integrations.vllm_omni.linear``), which vllm-omni's LoRA manager wraps. The unit
 tests check the swap changes nothing (bitwise, fp32); the engine tests run vllm-omni's full engine on
-the CPU (``tests/vllm_omni_engine.py``) with small PEFT adapters built here, against the same engine
+the CPU (``tests/support/vllm_omni_engine.py``) with small PEFT adapters built here, against the same engine
 on vllm-omni's own transformer and against diffusers' pipeline in this process.
 """
 
@@ -26,13 +26,13 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from vllm.model_executor.layers.linear import ReplicatedLinear  # noqa: E402
 from vllm_omni.lora.utils import stable_lora_int_id  # noqa: E402
 
-from qwen_image_omni.integrations.vllm_omni_linear import (  # noqa: E402
+from qwen_image_omni.integrations.vllm_omni.linear import (  # noqa: E402
     diffusers_parameter_name,
     use_vllm_linear_layers,
 )
 
-from .tiny import make_inputs, make_pair  # noqa: E402
-from .vllm_omni_engine import has_cpu_platform, one_rank_vllm_world, run_engine_job  # noqa: E402
+from ...tiny import make_inputs, make_pair  # noqa: E402
+from ...support.vllm_omni_engine import has_cpu_platform, one_rank_vllm_world, run_engine_job  # noqa: E402
 
 PROMPTS = ["a red dog sitting on a green mat"]
 SAMPLING = {"height": 64, "width": 64, "num_inference_steps": 2, "seed": 0}

@@ -1,6 +1,6 @@
 """qwen-image-omni in vllm-omni's full engine on the CPU: offline ``Omni`` and ``vllm serve --omni``.
 
-Every engine runs in its own process (``tests/vllm_omni_engine.py``) on the test-support CPU
+Every engine runs in its own process (``tests/support/vllm_omni_engine.py``) on the test-support CPU
 platform, ``dtype="float32"``, on the tiny checkpoint. The references are the same engine without
 our plugin (vllm-omni's own transformer) and diffusers' own pipeline in this process.
 """
@@ -30,8 +30,8 @@ from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline  # noqa: E
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from .tiny_checkpoint import TEXT_DIM  # noqa: E402
-from .vllm_omni_engine import (  # noqa: E402
+from ...tiny_checkpoint import TEXT_DIM  # noqa: E402
+from ...support.vllm_omni_engine import (  # noqa: E402
     OURS,
     REPO,
     VLLM_OMNI_OWN,
@@ -195,7 +195,8 @@ def test_server_answers_image_generation_with_a_png_equal_to_offline(server, our
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     np.testing.assert_array_equal(image, ours["images"][1][0])
-    assert "QwenImagePipeline -> qwen_image_omni.integrations.vllm_omni.QwenImagePipeline" in log_path.read_text()
+    registered = "QwenImagePipeline -> qwen_image_omni.integrations.vllm_omni.pipelines.QwenImagePipeline"
+    assert registered in log_path.read_text()
 
 
 # ----------------------------------------------------------------------------- cache-dit

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENGINE_TIMEOUT_S = 600
 
 
 OURS = {
-    "pipeline": "qwen_image_omni.integrations.vllm_omni.QwenImagePipeline",
+    "pipeline": "qwen_image_omni.integrations.vllm_omni.pipelines.QwenImagePipeline",
     "transformer": "qwen_image_omni.models.transformer_qwenimage.QwenImageTransformer2DModel",
 }
 """What ``probe_pipeline`` answers for a text-to-image engine that serves our transformer."""
