@@ -48,7 +48,7 @@ def parse_device(name: str | None) -> torch.device:
 
 def check(args: argparse.Namespace) -> int:
     """``qwen-image-omni check``: :func:`qwen_image_omni.check.run_check`, or with ``--vllm-omni`` the
-    vllm-omni plugin report (:func:`qwen_image_omni.integrations.vllm_omni_check.check_vllm_omni`).
+    vllm-omni plugin report (:func:`qwen_image_omni.integrations.vllm_omni.check.check_vllm_omni`).
     """
     if args.vllm_omni:
         from .integrations.vllm_omni.check import check_vllm_omni

@@ -27,8 +27,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A saved tiny diffusers Qwen-Image checkpoint directory (``tests/tiny_checkpoint.py``)."""
-    from .tiny_checkpoint import tiny_pipeline
+    """A saved tiny diffusers Qwen-Image checkpoint directory (``tests/support/tiny_checkpoint.py``)."""
+    from tests.support.tiny_checkpoint import tiny_pipeline
 
     path = tmp_path_factory.mktemp("tiny-qwen-image")
     tiny_pipeline().save_pretrained(path)

@@ -172,3 +172,10 @@ def test_the_vllm_omni_entry_point_module_imports_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_test_tree_mirrors_the_package_with_few_files_at_its_root():
+    tests = Path(__file__).resolve().parent
+    assert len(list(tests.glob("test_*.py"))) <= 8
+    for folder in ("models", "kernels", "pipelines", "integrations/vllm_omni", "integrations/verl_omni", "cli", "check"):
+        assert list((tests / folder).glob("test_*.py")), folder

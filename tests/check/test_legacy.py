@@ -10,7 +10,7 @@ from diffusers import QwenImageTransformer2DModel as DiffusersTransformer
 from qwen_image_omni import QwenImageTransformer2DModel
 from qwen_image_omni.check.legacy import legacy_forward, legacy_text_rope, legacy_txt_freqs, legacy_txt_seq_len
 from tests.support.check_runs import kwargs_for, run as run_check_forward
-from tests.tiny import make_inputs, make_pair, run
+from tests.support.tiny import make_inputs, make_pair, run
 
 MODEL_CLASSES = [DiffusersTransformer, QwenImageTransformer2DModel]
 

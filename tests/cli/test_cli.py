@@ -9,7 +9,7 @@ from qwen_image_omni import cli
 
 
 def test_check_vllm_omni_without_vllm_omni_says_so_and_passes(capsys, monkeypatch):
-    """The vllm-omni report on a machine without vllm-omni (the plugin report itself: tests/test_vllm_omni_check.py)."""
+    """The vllm-omni report on a machine without vllm-omni (the plugin report itself: tests/integrations/vllm_omni/test_check.py)."""
     from qwen_image_omni.integrations.vllm_omni import check as vllm_omni_check
 
     monkeypatch.setattr(vllm_omni_check, "installed_version", lambda distribution: None)

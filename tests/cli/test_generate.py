@@ -1,6 +1,6 @@
 """Tests of ``qwen-image-omni generate`` on a tiny random diffusers Qwen-Image checkpoint built offline.
 
-The checkpoint is built by ``tests/tiny_checkpoint.py``.
+The checkpoint is built by ``tests/support/tiny_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from qwen_image_omni import QwenImageTransformer2DModel
 from qwen_image_omni.cli import finite_float, main, seed
 from qwen_image_omni.generate import load_pipeline
 
-from tests.tiny_checkpoint import TEXT_DIM
+from tests.support.tiny_checkpoint import TEXT_DIM
 
 
 def generate_argv(model, out, *extra) -> list[str]:

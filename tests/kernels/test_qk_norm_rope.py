@@ -13,7 +13,7 @@ import torch
 
 from qwen_image_omni.kernels import BACKEND_ENV_VAR, joint_qk_norm_rope
 
-from ..support.kernel_testing import NAMES, call, make_inputs
+from tests.support.kernel_testing import NAMES, call, make_inputs
 
 
 def ours(inputs, **kwargs):

@@ -11,7 +11,7 @@ import torch
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from ..support.kernel_testing import (
+from tests.support.kernel_testing import (
     EPS,
     NAMES,
     WEIGHT_NAMES,

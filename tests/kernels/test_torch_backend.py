@@ -16,7 +16,7 @@ import torch
 from qwen_image_omni.kernels import torch_backend
 from qwen_image_omni.kernels.torch_backend import joint_qk_norm_rope_torch
 
-from ..support.kernel_testing import (
+from tests.support.kernel_testing import (
     NAMES,
     WEIGHT_NAMES,
     assert_matches,

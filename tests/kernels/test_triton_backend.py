@@ -23,7 +23,7 @@ import torch
 from qwen_image_omni.kernels import triton_backend
 from qwen_image_omni.kernels.triton_backend import joint_qk_norm_rope_triton, triton_supports
 
-from ..support.kernel_testing import NAMES, WEIGHT_NAMES, call, make_inputs, reference, ulp_distance
+from tests.support.kernel_testing import NAMES, WEIGHT_NAMES, call, make_inputs, reference, ulp_distance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]

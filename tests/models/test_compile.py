@@ -12,7 +12,7 @@ and a later call where they differ would be a legitimate recompile).
 import pytest
 import torch
 
-from tests.tiny import make_pair, make_inputs, run
+from tests.support.tiny import make_pair, make_inputs, run
 
 EQUAL_EAGER = dict(rtol=1e-6, atol=1e-6)
 

@@ -1,7 +1,7 @@
 """diffusers' own Qwen-Image pipelines run with our transformer give diffusers' latents.
 
-Every case builds one pipeline twice from the same tiny components (``tests/tiny.py``'s ``make_pair``
-weights, ``tests/tiny_checkpoint.py``'s VAE, text encoder and ControlNet), once with diffusers'
+Every case builds one pipeline twice from the same tiny components (``tests/support/tiny.py``'s ``make_pair``
+weights, ``tests/support/tiny_checkpoint.py``'s VAE, text encoder and ControlNet), once with diffusers'
 transformer and once with ours, runs both from the same seeds for 2 denoising steps and compares the
 latents in fp32. The cases are the inputs that used to break ours: batches where diffusers' pipelines
 pass ``img_shapes`` for the prompts only (``num_images_per_prompt > 1``), the flat
@@ -52,8 +52,8 @@ from diffusers.pipelines.qwenimage import (
 )
 from PIL import Image
 
-from tests.tiny import make_pair
-from tests.tiny_checkpoint import TEXT_DIM, tiny_controlnet, tiny_text_encoder, tiny_tokenizer, tiny_vae
+from tests.support.tiny import make_pair
+from tests.support.tiny_checkpoint import TEXT_DIM, tiny_controlnet, tiny_text_encoder, tiny_tokenizer, tiny_vae
 
 SIZE = dict(height=64, width=64)  # 4x4 image tokens
 STEPS = 2

@@ -38,7 +38,7 @@ from tests.support.parallel_worker import (
     loss_target,
     training_loss,
 )
-from tests.tiny import make_pair, run
+from tests.support.tiny import make_pair, run
 
 pytestmark = [
     pytest.mark.slow,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import qwen_image_omni.models.transformer_qwenimage as transformer_module
 from qwen_image_omni import QwenImageTransformer2DModel
 
-from tests.tiny import TINY_CONFIG, make_inputs, make_pair, run
+from tests.support.tiny import TINY_CONFIG, make_inputs, make_pair, run
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""One rank of the 2-process CPU/gloo parallelism checks in ``tests/test_parallel.py``.
+"""One rank of the 2-process CPU/gloo parallelism checks in ``tests/models/test_parallel.py``.
 
 Run as ``python -m tests.support.parallel_worker OUT_DIR`` with ``RANK``, ``WORLD_SIZE`` and ``INIT_FILE`` set
 (``launch`` does this). Every scenario in ``SCENARIOS`` runs in order on both ranks; each rank saves
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import ContextParallelConfig
 from diffusers.models import attention_dispatch
 
-from tests.tiny import TINY_CONFIG, make_inputs, make_pair
+from tests.support.tiny import TINY_CONFIG, make_inputs, make_pair
 
 WORLD_SIZE = 2
 TEXT_WIDTH = 8  # splits 4 + 4 over 2 ranks

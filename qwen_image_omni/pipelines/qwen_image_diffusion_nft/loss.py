@@ -18,7 +18,7 @@ is the positive / negative loss. High-reward samples pull ``v+`` towards ``x0``,
     loss        = policy_loss + ref_kl_coef * mean_b mean |v_theta - v_ref|^2
 
 The math is verl-omni main's ``DiffusionNFTLoss`` (``verl_omni/trainer/diffusion/diffusion_algos.py``)
-and its trainer-side helpers, step for step, so the numbers agree (``tests/test_verl_omni_qwen_image_diffusion_nft.py``):
+and its trainer-side helpers, step for step, so the numbers agree (``tests/integrations/verl_omni/test_qwen_image_diffusion_nft.py``):
 
 - :func:`group_advantages`: per-prompt centred (optionally std-normalised) rewards;
 - :func:`advantage_to_reward_prob`: clip, optional sign mode, map ``[-clip, clip] -> [0, 1]``;

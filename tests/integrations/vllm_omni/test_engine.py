@@ -30,8 +30,8 @@ from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline  # noqa: E
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from ...tiny_checkpoint import TEXT_DIM  # noqa: E402
-from ...support.vllm_omni_engine import (  # noqa: E402
+from tests.support.tiny_checkpoint import TEXT_DIM  # noqa: E402
+from tests.support.vllm_omni_engine import (  # noqa: E402
     OURS,
     REPO,
     VLLM_OMNI_OWN,

@@ -31,8 +31,8 @@ from qwen_image_omni.integrations.vllm_omni.linear import (  # noqa: E402
     use_vllm_linear_layers,
 )
 
-from ...tiny import make_inputs, make_pair  # noqa: E402
-from ...support.vllm_omni_engine import has_cpu_platform, one_rank_vllm_world, run_engine_job  # noqa: E402
+from tests.support.tiny import make_inputs, make_pair  # noqa: E402
+from tests.support.vllm_omni_engine import has_cpu_platform, one_rank_vllm_world, run_engine_job  # noqa: E402
 
 PROMPTS = ["a red dog sitting on a green mat"]
 SAMPLING = {"height": 64, "width": 64, "num_inference_steps": 2, "seed": 0}

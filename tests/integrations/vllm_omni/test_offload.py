@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("vllm_omni")
 
-from ...support.vllm_omni_engine import has_cpu_platform, run_engine_job
+from tests.support.vllm_omni_engine import has_cpu_platform, run_engine_job
 
 pytestmark = [
     pytest.mark.vllm_omni,
@@ -35,7 +35,7 @@ def checkpoint3(tmp_path_factory):
     import torch
     from diffusers import QwenImageTransformer2DModel as DiffusersTransformer
 
-    from ...tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG, tiny_pipeline
+    from tests.support.tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG, tiny_pipeline
 
     pipeline = tiny_pipeline()
     torch.manual_seed(1)
@@ -94,7 +94,7 @@ def test_hsdp_shard_conditions_select_exactly_the_blocks():
     """vllm-omni's ``shard_model`` wraps the modules our conditions pick: the blocks, nothing inside them."""
     from qwen_image_omni import QwenImageTransformer2DModel
 
-    from ...tiny import TINY_CONFIG
+    from tests.support.tiny import TINY_CONFIG
 
     model = QwenImageTransformer2DModel(**{**TINY_CONFIG, "num_layers": 3})
     conditions = model._hsdp_shard_conditions
@@ -110,7 +110,7 @@ def test_layerwise_offload_finds_our_blocks():
 
     from qwen_image_omni import QwenImageTransformer2DModel
 
-    from ...tiny import TINY_CONFIG
+    from tests.support.tiny import TINY_CONFIG
 
     model = QwenImageTransformer2DModel(**{**TINY_CONFIG, "num_layers": 3})
     attrs, blocks = get_blocks_from_dit(model)
@@ -144,7 +144,7 @@ from qwen_image_omni.integrations.vllm_omni.parallel import (
     VllmOmniDoubleStreamAttnProcessor,
     route_attention_through_vllm_omni,
 )
-from tests.tiny import TINY_CONFIG
+from tests.support.tiny import TINY_CONFIG
 
 torch.manual_seed(0)
 config = {**TINY_CONFIG, "num_layers": 2}
@@ -177,7 +177,7 @@ def test_routed_transformer_equals_diffusers_attention_and_keeps_its_keys():
     import subprocess
     import sys
 
-    from ...support.vllm_omni_engine import REPO, engine_env
+    from tests.support.vllm_omni_engine import REPO, engine_env
 
     process = subprocess.run(
         [sys.executable, "-c", ROUTING_UNIT],

@@ -1,7 +1,7 @@
 """qwen-image-omni inside a real vllm-omni install (run by ``make test-vllm-omni``).
 
 The pipeline is loaded the way a vllm-omni diffusion worker loads it: the plugin entry point,
-``OmniDiffusionConfig.enrich_config`` on a tiny checkpoint directory (``tests/tiny_checkpoint.py``),
+``OmniDiffusionConfig.enrich_config`` on a tiny checkpoint directory (``tests/support/tiny_checkpoint.py``),
 then ``DiffusersPipelineLoader.load_model``, in a one-process gloo "distributed" world on the CPU.
 References are diffusers' own ``QwenImagePipeline`` / ``QwenImageTransformer2DModel`` on the same weights.
 """
@@ -46,9 +46,9 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import (  # noqa: E402
 from qwen_image_omni.pipelines.qwen_image_mix_grpo import QwenImageMixGRPO  # noqa: E402
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 
-from ...tiny_checkpoint import TEXT_DIM  # noqa: E402
-from ...support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
-from ...support.vllm_omni_engine import one_rank_vllm_world  # noqa: E402
+from tests.support.tiny_checkpoint import TEXT_DIM  # noqa: E402
+from tests.support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
+from tests.support.vllm_omni_engine import one_rank_vllm_world  # noqa: E402
 
 ARCHITECTURES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageLayeredPipeline")
 SIZE = 64  # pixels: a 4x4 grid of packed latent tokens

@@ -43,7 +43,7 @@ from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
 from qwen_image_omni.integrations import vllm_omni as integration  # noqa: E402
 from qwen_image_omni.pipelines import VllmOmniPipelineBase  # noqa: E402
 
-from ...support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
+from tests.support.vllm_omni_versions import diffusion_worker_vllm_config  # noqa: E402
 from .test_pipelines import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
     IMAGE_TOKENS,
     SIZE,
@@ -55,7 +55,7 @@ from .test_pipelines import (  # noqa: E402  (vllm-omni fixtures: a one-rank wor
 )
 from .test_dual_grpo import dual_pipeline, token_id_prompts  # noqa: E402, F401
 from .test_rl_pipelines import CONDITION_SHAPES, TARGET_SHAPE, edit_pipeline, nft_pipeline  # noqa: E402, F401
-from ...support.vllm_omni_engine import OURS, has_cpu_platform, run_engine_job  # noqa: E402
+from tests.support.vllm_omni_engine import OURS, has_cpu_platform, run_engine_job  # noqa: E402
 
 STEPS = 3
 TOLERANCE = 1e-5

@@ -29,8 +29,8 @@ from qwen_image_omni.integrations.vllm_omni.teacache import (  # noqa: E402
     teacache_coefficients,
 )
 
-from ...tiny import make_inputs, make_pair, run  # noqa: E402
-from ...support.vllm_omni_engine import OURS, VLLM_OMNI_OWN, has_cpu_platform, run_engine_job  # noqa: E402
+from tests.support.tiny import make_inputs, make_pair, run  # noqa: E402
+from tests.support.vllm_omni_engine import OURS, VLLM_OMNI_OWN, has_cpu_platform, run_engine_job  # noqa: E402
 
 TRANSFORMER_TYPE = "QwenImageTransformer2DModel"
 STEPS = 6

@@ -1,4 +1,4 @@
-"""verl-omni's own trainer, whole, on the CPU: the inputs, stand-ins and launcher of ``tests/test_verl_omni_run.py``.
+"""verl-omni's own trainer, whole, on the CPU: the inputs, stand-ins and launcher of ``tests/integrations/verl_omni/test_run.py``.
 
 Test support only (``tests/`` is not in the wheel). A run is ``python -m verl_omni.trainer.main_diffusion``
 with Ray local, verl-omni's FSDP2 diffusion engine, its vllm-omni rollout server and its reward loop:

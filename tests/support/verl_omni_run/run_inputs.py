@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ...tiny_checkpoint import tiny_pipeline
+from tests.support.tiny_checkpoint import tiny_pipeline
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

@@ -24,8 +24,8 @@ from qwen_image_omni.pipelines.qwen_image_dpo import (
 )
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QWEN_IMAGE_SCHEDULER_CONFIG, QwenImage
 
-from .rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
-from .tiny import TINY_CONFIG, make_pair
+from tests.support.rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
+from tests.support.tiny import TINY_CONFIG, make_pair
 
 TOL = 1e-5
 ROLLOUT_WIDTH = 64  # the rollout's prompt width: much wider than the 37 / 5 valid tokens

@@ -7,7 +7,7 @@ Where the two differ on purpose, the tests pin verl-omni's behaviour down:
 
 - ``set_timesteps``: verl-omni calls ``scheduler.set_timesteps(N)`` without the dynamic shift, which
   diffusers refuses for Qwen-Image's ``use_dynamic_shifting`` scheduler; ours sets diffusers'
-  ``QwenImagePipeline`` schedule (tested against diffusers in ``tests/test_qwen_image_dpo.py``).
+  ``QwenImagePipeline`` schedule (tested against diffusers in ``tests/pipelines/test_qwen_image_dpo.py``).
 - ``forward`` with ``true_cfg_scale > 1``: verl-omni's adapter applies true CFG only in
   ``forward_and_sample_previous_step``; its ``forward`` (what its DPO engine calls) is the base
   class's un-guided ``module(**model_inputs)[0]``. Ours applies true CFG in both, and equals
@@ -27,8 +27,8 @@ from qwen_image_omni.pipelines.config import DiffusionModelConfig
 from qwen_image_omni.pipelines.qwen_image_dpo import QwenImageDPO, diffusion_dpo_loss
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QWEN_IMAGE_SCHEDULER_CONFIG
 
-from .rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
-from .tiny import TINY_CONFIG, make_pair
+from tests.support.rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
+from tests.support.tiny import TINY_CONFIG, make_pair
 
 pytestmark = pytest.mark.verl_omni
 

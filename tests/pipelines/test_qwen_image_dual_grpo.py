@@ -4,7 +4,7 @@ The image side is checked against our FlowGRPO rollout on the same inputs, the t
 against a direct ``log_softmax`` of the text encoder's logits, and the trainer-side twin
 (:meth:`QwenImageDualGRPO.text_log_probs`, :meth:`QwenImageDualGRPO.forward_and_sample_previous_step`)
 on re-collated prompts against the rollout, per step. A tiny random Qwen2.5-VL text encoder
-(``tests/tiny_checkpoint.py``) decodes greedily (its ``generation_config.do_sample`` is False).
+(``tests/support/tiny_checkpoint.py``) decodes greedily (its ``generation_config.do_sample`` is False).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import QWEN_IMAGE_SCHEDULER_
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImagePipelineWithLogProb
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
-from .tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG, tiny_text_encoder, tiny_tokenizer
+from tests.support.tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG, tiny_text_encoder, tiny_tokenizer
 
 TOL = 1e-5
 SIZE = 64  # pixels: a 4x4 grid of packed latent tokens

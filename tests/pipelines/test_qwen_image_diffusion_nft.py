@@ -4,7 +4,7 @@ The adapter's prediction is diffusers' ``QwenImageTransformer2DModel`` (same wei
 diffusers' true CFG; the rollout's clean latents are diffusers' ``QwenImagePipeline``'s (same noise,
 same schedule); the trainer, re-collating the rollout's prompt embeddings to another width,
 reproduces the rollout's prediction at every recorded ODE state. verl-omni's own implementation is
-compared in ``tests/test_verl_omni_qwen_image_diffusion_nft.py``.
+compared in ``tests/integrations/verl_omni/test_qwen_image_diffusion_nft.py``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from qwen_image_omni.pipelines.qwen_image_diffusion_nft import (
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QWEN_IMAGE_SCHEDULER_CONFIG, QwenImage, build_img_shapes
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
-from .rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
-from .tiny import TINY_CONFIG, make_pair
+from tests.support.rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
+from tests.support.tiny import TINY_CONFIG, make_pair
 
 TOL = 1e-5
 MICRO_BATCH = {"height": HEIGHT, "width": WIDTH, "vae_scale_factor": 8}

@@ -21,8 +21,8 @@ import torch
 pytestmark = [pytest.mark.verl_omni, pytest.mark.vllm_omni, pytest.mark.slow]
 pytest.importorskip("verl_omni", reason="needs the verl-omni source on PYTHONPATH (make test-verl-omni)")
 
-from .support.verl_omni_run.launch import BRIDGE, PEFT_FIX_ONLY, Run, main_diffusion, recipe_overrides  # noqa: E402
-from .support.verl_omni_run.run_inputs import write_run_inputs  # noqa: E402
+from tests.support.verl_omni_run.launch import BRIDGE, PEFT_FIX_ONLY, Run, main_diffusion, recipe_overrides  # noqa: E402
+from tests.support.verl_omni_run.run_inputs import write_run_inputs  # noqa: E402
 
 RUN_TIMEOUT_S = 1200
 FP32_NOISE_FLOOR = 1e-6

@@ -23,7 +23,7 @@ from qwen_image_omni.pipelines import (
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImage, sample_sde_windows
 from qwen_image_omni.pipelines.rollout_output import envelope_media, per_request_rollouts, rollout_envelope
 
-from .rl_tiny import (
+from tests.support.rl_tiny import (
     HEIGHT,
     NEGATIVE_LENGTHS,
     PROMPT_LENGTHS,
@@ -225,7 +225,7 @@ def test_build_module_builds_our_transformer_with_the_checkpoint_weights(tmp_pat
 
     from qwen_image_omni import QwenImageTransformer2DModel
 
-    from .tiny import make_pair
+    from tests.support.tiny import make_pair
 
     _, reference = make_pair(seed=3)
     reference.save_pretrained(tmp_path / "transformer")

@@ -43,7 +43,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo.common import QWEN_IMAGE_VAE
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler  # noqa: E402
 
-from .integrations.vllm_omni.test_pipelines import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
+from tests.integrations.vllm_omni.test_pipelines import (  # noqa: E402  (vllm-omni fixtures: a one-rank world on the tiny checkpoint)
     IMAGE_TOKENS,
     SIZE,
     embeds_prompts,
@@ -242,7 +242,7 @@ def test_verl_omni_server_finds_our_prompt_embeddings_and_trajectories(rollout_p
 
 
 def test_verl_omni_diffusers_rollout_envelope_is_read_the_same(checkpoint):
-    from .rl_tiny import collate, make_pipeline, prompt_rows
+    from tests.support.rl_tiny import collate, make_pipeline, prompt_rows
 
     pipe = make_pipeline()
     prompt = collate(prompt_rows((5, 3), seed=1), width=9)

@@ -21,8 +21,8 @@ from verl_omni.utils import fsdp_utils  # noqa: E402
 from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
 from qwen_image_omni.integrations import verl_omni_lora_sync  # noqa: E402
 
-from .tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG  # noqa: E402
-from .support.vllm_omni_engine import free_port  # noqa: E402
+from tests.support.tiny_checkpoint import CHECKPOINT_TRANSFORMER_CONFIG  # noqa: E402
+from tests.support.vllm_omni_engine import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import (
 )
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
-from .rl_tiny import (
+from tests.support.rl_tiny import (
     HEIGHT,
     IMAGE_TOKENS,
     NEGATIVE_LENGTHS,
@@ -41,7 +41,7 @@ from .rl_tiny import (
     model_config,
     prompt_rows,
 )
-from .tiny import TINY_CONFIG
+from tests.support.tiny import TINY_CONFIG
 
 # -- helpers ------------------------------------------------------------------------------------------
 
@@ -159,7 +159,7 @@ def _trajectory(batch=2, states=3):
 
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm_omni") is not None,
-    reason="with vllm-omni installed the vllm-omni pipeline is registered (tests/test_vllm_omni.py)",
+    reason="with vllm-omni installed the vllm-omni pipeline is registered (tests/integrations/vllm_omni/test_pipelines.py)",
 )
 def test_diffusers_rollout_registered_for_flow_grpo_without_vllm_omni():
     assert DiffusionModelBase.get_class(model_config("sde", 1.0)) is QwenImage

@@ -27,9 +27,9 @@ from qwen_image_omni.pipelines.qwen_image_diffusion_nft import (
     select_train_timesteps,
 )
 
-from .rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
-from .tiny import TINY_CONFIG, make_pair
-from .verl_omni_support import verl_omni_own_adapters
+from tests.support.rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
+from tests.support.tiny import TINY_CONFIG, make_pair
+from tests.support.verl_omni_support import verl_omni_own_adapters
 
 pytestmark = pytest.mark.verl_omni
 

@@ -30,8 +30,8 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import QWEN_IMAGE_SCHEDULER_
 from qwen_image_omni.pipelines.rollout_output import per_request_rollouts
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
-from .rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
-from .tiny import TINY_CONFIG, make_pair
+from tests.support.rl_tiny import HEIGHT, IMAGE_TOKENS, NEGATIVE_LENGTHS, PROMPT_LENGTHS, STEPS, WIDTH, collate, prompt_rows
+from tests.support.tiny import TINY_CONFIG, make_pair
 
 ARCH = "QwenImageEditPlusPipeline"
 TOL = 1e-5

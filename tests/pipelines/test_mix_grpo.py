@@ -17,7 +17,7 @@ from qwen_image_omni.pipelines.qwen_image_mix_grpo import (
     pin_sde_window_range,
 )
 
-from .rl_tiny import (
+from tests.support.rl_tiny import (
     HEIGHT,
     NEGATIVE_LENGTHS,
     PROMPT_LENGTHS,
@@ -110,7 +110,7 @@ def _mix_config(**algo) -> DiffusionModelConfig:
 
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm_omni") is not None,
-    reason="with vllm-omni installed the vllm-omni pipeline is registered (tests/test_vllm_omni.py)",
+    reason="with vllm-omni installed the vllm-omni pipeline is registered (tests/integrations/vllm_omni/test_pipelines.py)",
 )
 def test_diffusers_rollout_registered_without_vllm_omni():
     assert VllmOmniPipelineBase.get_class("QwenImagePipeline", "mix_grpo") is QwenImageMixGRPOPipelineWithLogProb

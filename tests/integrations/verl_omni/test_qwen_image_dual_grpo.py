@@ -29,7 +29,7 @@ from vllm_omni.diffusion.model_loader.diffusers_loader import DiffusersPipelineL
 
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 
-from .integrations.vllm_omni.test_pipelines import IMAGE_TOKENS, od_config, request_batch  # noqa: E402, F401
+from tests.integrations.vllm_omni.test_pipelines import IMAGE_TOKENS, od_config, request_batch  # noqa: E402, F401
 
 BRIDGE = "qwen_image_omni.integrations.verl_omni"
 VERL_ROLLOUT = verl_dual_rollout.QwenImagePipelineWithDualLogProb

@@ -19,7 +19,7 @@ from diffusers import (
 from tokenizers import AddedToken
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from .tiny import TINY_CONFIG
+from tests.support.tiny import TINY_CONFIG
 
 TEXT_DIM = 32  # the text encoder's hidden size = the transformer's joint_attention_dim
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -72,7 +72,7 @@ def tiny_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGene
 def tiny_pipeline() -> QwenImagePipeline:
     """All five components, random weights from seed 0, on the CPU in fp32."""
     torch.manual_seed(0)
-    # tests/tiny.py's shapes (in_channels 16 = VAE z_dim 4 x the 2x2 latent patch), one block, TEXT_DIM text.
+    # tests/support/tiny.py's shapes (in_channels 16 = VAE z_dim 4 x the 2x2 latent patch), one block, TEXT_DIM text.
     transformer = DiffusersTransformer(**CHECKPOINT_TRANSFORMER_CONFIG)
     vae = AutoencoderKLQwenImage(
         base_dim=8,
@@ -112,7 +112,7 @@ def tiny_vae(input_channels: int = 3, z_dim: int = 4) -> AutoencoderKLQwenImage:
 
 
 def tiny_controlnet(extra_condition_channels: int = 0, seed: int = 0) -> QwenImageControlNetModel:
-    """A 1-block ControlNet for ``tests/tiny.py``'s transformer shapes with :data:`TEXT_DIM` text.
+    """A 1-block ControlNet for ``tests/support/tiny.py``'s transformer shapes with :data:`TEXT_DIM` text.
 
     ``extra_condition_channels=4`` is ControlNet-inpaint's packed mask channel.
     """

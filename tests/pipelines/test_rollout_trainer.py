@@ -20,7 +20,7 @@ import torch
 
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImage, QwenImagePipelineWithLogProb
 
-from .rl_tiny import (
+from tests.support.rl_tiny import (
     NEGATIVE_LENGTHS,
     PROMPT_LENGTHS,
     STEPS,

@@ -28,7 +28,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import (
 )
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
-from .tiny import TINY_CONFIG, make_pair
+from tests.support.tiny import TINY_CONFIG, make_pair
 
 HEIGHT = WIDTH = 64  # pixels: a 4x4 grid of packed latent tokens with the VAE's factor 8
 IMAGE_TOKENS = 16
