@@ -1,6 +1,6 @@
 """Rollout/trainer log-prob drift: our width-sized text RoPE vs the legacy ``mask.sum()`` length.
 
-A tiny random Qwen-Image transformer (tests/tiny.py) rolls out a CFG pair of prompts (37/30 and
+A tiny random Qwen-Image transformer (tests/support/tiny.py) rolls out a CFG pair of prompts (37/30 and
 5/3 valid tokens, batch 2) with ``QwenImagePipelineWithLogProb.diffuse`` on embeddings padded to
 a width W (64, 256, 1024), valid tokens first ("right") or last ("left"), under one of two rules:
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.rl_tiny
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support.rl_tiny
 
-from tests.rl_tiny import (  # noqa: E402
+from tests.support.rl_tiny import (  # noqa: E402
     NEGATIVE_LENGTHS,
     PROMPT_LENGTHS,
     collate,

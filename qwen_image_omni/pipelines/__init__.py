@@ -1,4 +1,4 @@
-"""RL pipelines interface (seed 004, verl-omni's ``verl_omni.pipelines``) without ``txt_seq_lens``.
+"""RL pipelines interface (verl-omni's ``verl_omni.pipelines``) without ``txt_seq_lens``.
 
 A pipeline plugs one diffusion architecture into an RL training loop:
 

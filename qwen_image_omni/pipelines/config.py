@@ -1,6 +1,6 @@
 """Configuration of a diffusion model for the RL pipelines: ``DiffusionModelConfig``.
 
-The same fields as verl-omni's ``DiffusionModelConfig`` that the pipeline adapters read (seed 004),
+The same fields as verl-omni's ``DiffusionModelConfig`` that the pipeline adapters read,
 as plain dataclasses: ``architecture`` and ``algorithm`` select the adapter,
 ``pipeline`` holds the sampling parameters and ``algo`` the SDE rollout parameters. Adapters read
 them as ``model_config.pipeline.true_cfg_scale``, ``model_config.algo.noise_level`` and so on.

@@ -7,7 +7,7 @@ vllm-omni one where vllm-omni is installed, the diffusers one elsewhere, each na
 path and imported only when a class is asked for. ``architecture`` is the ``_class_name`` of the
 model's ``model_index.json``; ``algorithm`` is ``DiffusionModelConfig.algorithm``.
 
-Unlike verl-omni's interface (seed 004), nothing here takes or returns a text sequence length: the
+Unlike verl-omni's interface, nothing here takes or returns a text sequence length: the
 transformer reads it from ``encoder_hidden_states.shape[1]``.
 """
 
@@ -290,7 +290,7 @@ class DiffusionModelBase(ABC):
         trajectory and ``step`` selects the slice; forward-process objectives (DPO) pass an already
         noised latent and its timestep. The caller does the universal pre-processing (common tensor
         extraction, nested-embed unpadding) first. Prompt embeddings may be wider than their valid
-        tokens: no text length is computed or passed, the transformer takes it from the width.
+        tokens.
 
         Args:
             module: the diffusion transformer.

@@ -2,7 +2,7 @@
 
 Trainers and agent loops call these rather than touching the registry: each looks up
 ``DiffusionModelBase.get_class(model_config)`` and forwards its arguments by keyword. Signatures are
-those of verl-omni's ``verl_omni.pipelines.utils`` (seed 004); none takes a text length.
+those of verl-omni's ``verl_omni.pipelines.utils``; none takes a text length.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ diffusion registry at the pipelines of this module for ``QwenImagePipeline``,
 
 Each pipeline is vllm-omni's own class with one change: ``self.transformer`` is our
 :class:`~qwen_image_omni.QwenImageTransformer2DModel`, built from the checkpoint's transformer
-config and loaded from the diffusers-named tensors vllm-omni streams in. Our transformer takes the
-text RoPE length from ``encoder_hidden_states.shape[1]``, so no text length is computed or passed:
+config and loaded from the diffusers-named tensors vllm-omni streams in; no text length is computed
+or passed:
 
 - ``QwenImagePipeline``: ``forward`` (request batches), the CFG ``diffuse`` loop, and the step
   execution path (``prepare_encode`` → ``denoise_step``, continuous batching) are ours and carry no

@@ -12,8 +12,6 @@
   diffusers (also importable as ``QwenImageDiffusionNFTPipeline``, its former name);
 - :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, verl-omni's ``QwenImageDiffusionNFTPipeline``,
   imported only when an engine asks for it by its dotted path.
-
-No text length is computed or passed: the transformer takes it from ``encoder_hidden_states.shape[1]``.
 """
 
 from ..model_base import VllmOmniPipelineBase

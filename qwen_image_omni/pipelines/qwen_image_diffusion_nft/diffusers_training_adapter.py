@@ -6,7 +6,7 @@ velocity there, once with the trained policy, once with the old one and once wit
 (:func:`~.loss.diffusion_nft_loss`). :class:`QwenImageDiffusionNFT` builds those inputs and that
 prediction; scheduler set-up and the step functions the ODE rollout runs are FlowGRPO's
 :class:`~..qwen_image_flow_grpo.diffusers_training_adapter.QwenImage`. The semantics are verl-omni
-main's ``QwenImageDiffusionNFT``; no text length is computed or passed.
+main's ``QwenImageDiffusionNFT``.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ class QwenImageDiffusionNFT(QwenImage):
         """Transformer keyword arguments at a noised latent (and those of the negative prompt).
 
         ``hidden_states = latents`` (cast to the module's dtype) and ``timestep = timesteps / 1000``;
-        prompt embeddings go in at whatever width they have (the transformer takes the text RoPE
-        length from it). The image geometry comes from the micro-batch's ``height`` / ``width`` /
+        prompt embeddings go in at whatever width they have. The image geometry comes from the micro-batch's ``height`` / ``width`` /
         ``vae_scale_factor`` (dict or TensorDict, tensor or non-tensor data), else from
         ``model_config.pipeline`` and 8.
 

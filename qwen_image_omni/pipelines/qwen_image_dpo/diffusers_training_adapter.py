@@ -8,9 +8,7 @@ step to score, so :meth:`QwenImageDPO.forward_and_sample_previous_step` only ret
 
 Inputs and prediction are FlowGRPO's (:class:`~..qwen_image_flow_grpo.QwenImage`): the same text
 inputs, image shapes, guidance and true CFG, so a DPO rollout (which runs FlowGRPO's loop at noise
-level 0) and the DPO trainer compute the same velocity. No text length is computed or passed: the
-transformer takes the text RoPE length from ``encoder_hidden_states.shape[1]``, so the prompt
-embeddings may be collated to any width wider than their valid tokens.
+level 0) and the DPO trainer compute the same velocity.
 """
 
 from __future__ import annotations

@@ -9,9 +9,6 @@
   (also importable as ``QwenImagePipelineWithDualLogProb``, its former name);
 - :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, verl-omni's ``QwenImagePipelineWithDualLogProb``,
   imported only when an engine asks for it by its dotted path.
-
-No text length is passed anywhere on the image side: the transformer takes it from
-``encoder_hidden_states.shape[1]``.
 """
 
 from ..model_base import VllmOmniPipelineBase

@@ -14,9 +14,6 @@
 - :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin ``QwenImageEditPlusPipelineWithLogProb``
   (vllm-omni's Edit-Plus preprocessing and encoding, then the same loop), imported only when an
   engine asks for it by its dotted path.
-
-As for text-to-image, no text length is passed anywhere: the transformer takes the text RoPE length
-from ``encoder_hidden_states.shape[1]``.
 """
 
 from ..model_base import VllmOmniPipelineBase

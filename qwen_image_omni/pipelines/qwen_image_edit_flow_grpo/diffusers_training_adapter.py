@@ -7,7 +7,6 @@ recorded (``condition_image_latents``, packed ``(B, S_c, C)``) with their per-sa
 (target first, then the condition images) and appends them after the target tokens, as diffusers'
 ``QwenImageEditPlusPipeline`` does. The prediction is sliced back to the target tokens
 (:meth:`DiffusionI2IModelBase.forward`), so the inherited reverse-SDE step works on the target latents.
-No text length is passed anywhere.
 """
 
 from __future__ import annotations

@@ -11,10 +11,8 @@
 - :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, verl-omni's ``QwenImagePipelineWithLogProb``,
   imported only when an engine asks for it by its dotted path.
 
-Trainer and rollout run the same step functions, and no text length is passed anywhere: the
-transformer takes the text RoPE length from ``encoder_hidden_states.shape[1]``, so the trainer may
-re-collate the rollout's prompt embeddings to any right-padded width and still score the same
-transitions.
+Trainer and rollout run the same step functions, so the trainer may re-collate the rollout's
+prompt embeddings to any width and still score the same transitions.
 """
 
 from ..model_base import VllmOmniPipelineBase

@@ -2,7 +2,7 @@
 
 The trainer-side adapters and the rollout pipelines of all Qwen-Image algorithms (FlowGRPO, MixGRPO,
 DPO, DiffusionNFT, Edit FlowGRPO, Dual-GRPO) build their inputs from these, so trainer and rollout
-agree by construction. Nothing here takes or returns a text length.
+agree by construction.
 """
 
 from __future__ import annotations

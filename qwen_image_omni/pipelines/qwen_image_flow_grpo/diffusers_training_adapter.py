@@ -2,8 +2,7 @@
 
 The rollout pipelines (:mod:`.rollout`) run their steps through :meth:`QwenImage.prepare_model_inputs`
 and :meth:`QwenImage.sample_previous_step` too, so a trainer re-scoring a rollout's transitions
-computes exactly what the rollout computed. No text length is passed anywhere: the transformer takes
-the text RoPE length from ``encoder_hidden_states.shape[1]``.
+computes exactly what the rollout computed.
 """
 
 from __future__ import annotations
@@ -117,8 +116,7 @@ class QwenImage(DiffusionModelBase):
 
         ``hidden_states = latents[:, step]`` and ``timestep = timesteps[:, step] / 1000`` for a
         trajectory; an already selected ``(B, S, C)`` latent / ``(B,)`` timestep is used as is. The
-        prompt embeddings go in at whatever width they have: the transformer takes the text RoPE
-        length from that width, so no length is passed.
+        prompt embeddings go in at whatever width they have.
 
         Args:
             module: the Qwen-Image transformer (its dtype is applied to the float inputs).

@@ -94,7 +94,7 @@ class QwenImageRolloutOutput(BaseOutput):
 
     @property
     def custom_output(self) -> dict[str, Any]:
-        """The rollout data under seed 004's ``custom_output`` keys (verl-omni main reads :attr:`output`)."""
+        """The rollout data under the ``custom_output`` keys of verl-omni's earlier interface (verl-omni main reads :attr:`output`)."""
         keys = (
             "all_latents",
             "all_log_probs",

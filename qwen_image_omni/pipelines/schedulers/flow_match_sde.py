@@ -6,7 +6,7 @@ same ``set_timesteps``, loadable from a pipeline's ``scheduler/`` folder) whose 
 the transition. Rollouts call ``step`` in the denoising loop; trainers call
 ``sample_previous_step`` with the rollout's ``prev_sample`` and per-sample timesteps to recompute
 that log-probability under the current policy. Interface of verl-omni's
-``verl_omni.pipelines.schedulers.flow_match_sde`` (seed 004).
+``verl_omni.pipelines.schedulers.flow_match_sde``.
 
 Notation: x the sample, v the model output (velocity), sigma = sigmas[i], sigma' = sigmas[i + 1],
 dt = sigma' - sigma <= 0, eta the noise level.
