@@ -1,6 +1,6 @@
 """Qwen-Image with DiffusionNFT: a forward-process objective on the ODE rollout's clean latents.
 
-- :mod:`.loss`: the DiffusionNFT loss :func:`diffusion_nft_loss` and its batch preparation
+- :mod:`..losses.diffusion_nft`: the DiffusionNFT loss :func:`diffusion_nft_loss` and its batch preparation
   (:func:`group_advantages`, :func:`advantage_to_reward_prob`, :func:`select_train_timesteps`,
   :func:`forward_process_sample`), verl-omni main's math;
 - :mod:`.diffusers_training_adapter`: :class:`QwenImageDiffusionNFT`, registered for
@@ -17,7 +17,7 @@
 from ..model_base import VllmOmniPipelineBase
 from .diffusers_rollout_pipeline import DiffusersQwenImageDiffusionNFTPipeline, QwenImageDiffusionNFTPipeline
 from .diffusers_training_adapter import QwenImageDiffusionNFT
-from .loss import (
+from ..losses.diffusion_nft import (
     ADV_MODES,
     advantage_to_reward_prob,
     diffusion_nft_loss,

@@ -8,7 +8,7 @@ flow-match Euler ODE of diffusers' ``QwenImagePipeline``. What the trainer needs
 
 - ``latents_clean``: ``(B, S, C)`` float32 final packed latents;
 - ``train_timesteps``: ``(B, N)`` the rollout's whole schedule (``scheduler.timesteps`` per sample),
-  from which the trainer draws its training timesteps (:func:`~.loss.select_train_timesteps`).
+  from which the trainer draws its training timesteps (:func:`~..losses.diffusion_nft.select_train_timesteps`).
 
 No length argument anywhere: prompt embeddings go in at any padded width.
 """

@@ -1,9 +1,9 @@
 """Qwen-Image DiffusionNFT training adapter: forward-process inputs and the (true-CFG) prediction.
 
 DiffusionNFT trains on the forward process: the trainer noises the rollout's clean latent to
-``x_t`` at a chosen timestep (:func:`~.loss.forward_process_sample`) and asks the model for the
+``x_t`` at a chosen timestep (:func:`~..losses.diffusion_nft.forward_process_sample`) and asks the model for the
 velocity there, once with the trained policy, once with the old one and once with the reference
-(:func:`~.loss.diffusion_nft_loss`). :class:`QwenImageDiffusionNFT` builds those inputs and that
+(:func:`~..losses.diffusion_nft.diffusion_nft_loss`). :class:`QwenImageDiffusionNFT` builds those inputs and that
 prediction; scheduler set-up and the step functions the ODE rollout runs are FlowGRPO's
 :class:`~..qwen_image_flow_grpo.diffusers_training_adapter.QwenImage`. The semantics are verl-omni
 main's ``QwenImageDiffusionNFT``.

@@ -11,13 +11,12 @@
 - :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, verl-omni's ``QwenImageDPOPipeline``,
   imported only when an engine asks for it by its dotted path.
 
-The pairwise loss is :func:`diffusion_dpo_loss` (the one of :mod:`..sd3_dpo`, re-exported: it only
-compares predictions with the ``noise - latents`` target, whatever the model). No text length is
-passed anywhere: the transformer takes it from ``encoder_hidden_states.shape[1]``.
+The pairwise loss is :func:`diffusion_dpo_loss` (:mod:`..losses`, re-exported: it only compares
+predictions with the ``noise - latents`` target, whatever the model).
 """
 
+from ..losses import diffusion_dpo_loss
 from ..model_base import VllmOmniPipelineBase
-from ..sd3_dpo import diffusion_dpo_loss
 from .diffusers_rollout_pipeline import DiffusersQwenImageDPOPipeline, QwenImageDPOPipeline
 from .diffusers_training_adapter import QwenImageDPO
 from .rollout import CLEAN_LATENTS_KEY, SDE_ROLLOUT_OPTIONS, QwenImageDPORolloutMixin, ode_rollout_options

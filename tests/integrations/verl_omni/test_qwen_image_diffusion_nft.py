@@ -4,7 +4,7 @@ Runs in ``.venv-verl-omni`` with the verl-omni source on ``PYTHONPATH`` (``make 
 verl-omni's ``QwenImageDiffusionNFT`` runs diffusers' transformer, ours our transformer with the same
 weights; both read one real ``tensordict.TensorDict`` micro-batch with the image geometry as
 non-tensor data (verl's ``tensordict_utils``). verl-omni's ``DiffusionNFTLoss`` and its trainer-side
-helpers are compared with :mod:`qwen_image_omni.pipelines.qwen_image_diffusion_nft.loss` on the same tensors.
+helpers are compared with :mod:`qwen_image_omni.pipelines.losses.diffusion_nft` on the same tensors.
 """
 
 from __future__ import annotations
