@@ -74,6 +74,23 @@ from .parallel import route_attention_through_vllm_omni, wants_vllm_omni_attenti
 
 logger = init_logger(f"vllm.{__name__}")  # as in .parallel: vllm's logging config applies
 
+__all__ = [
+    "PIPELINES",
+    "TRANSFORMER_PREFIX",
+    "QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline",
+    "QwenImageLayeredPipeline",
+    "QwenImageOmniMixin",
+    "QwenImagePipeline",
+    "build_transformer",
+    "get_qwen_image_edit_plus_post_process_func",
+    "get_qwen_image_edit_plus_pre_process_func",
+    "get_qwen_image_edit_post_process_func",
+    "get_qwen_image_edit_pre_process_func",
+    "get_qwen_image_layered_pre_process_func",
+    "get_qwen_image_post_process_func",
+]
+
 TRANSFORMER_PREFIX = "transformer."
 """Prefix of the transformer's tensors in the stream vllm-omni's loader feeds ``load_weights``."""
 
