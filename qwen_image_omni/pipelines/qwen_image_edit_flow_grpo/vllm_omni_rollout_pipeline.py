@@ -42,7 +42,7 @@ from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineW
 from ..request_batch import NEGATIVE_TOKEN_ID_KEYS, PROMPT_TOKEN_ID_KEYS, collate_token_ids
 from ..rollout_output import per_request_rollouts
 from .diffusers_training_adapter import CONDITION_LATENTS_KEY, IMG_SHAPES_KEY
-from .rollout import ARCHITECTURE, QwenImageEditRolloutMixin, _is_shape
+from .rollout import QwenImageEditRolloutMixin, _is_shape
 
 __all__ = ["QwenImageEditPlusPipelineWithLogProb"]
 
