@@ -1,15 +1,16 @@
 """Rollout/trainer log-prob drift: our width-sized text RoPE vs the legacy ``mask.sum()`` length.
 
-A tiny random Qwen-Image transformer (tests/support/tiny.py) rolls out a CFG pair of prompts (37/30 and
-5/3 valid tokens, batch 2) with ``QwenImagePipelineWithLogProb.diffuse`` on embeddings padded to
-a width W (64, 256, 1024), valid tokens first ("right") or last ("left"), under one of two rules:
+The package's tiny random Qwen-Image transformer (``qwen_image_omni.check.sources.tiny_source``) rolls out
+a CFG pair of prompts (37/30 and 5/3 valid tokens, batch 2) with the rollout pipeline's ``rollout`` on
+embeddings padded to a width W (64, 256, 1024), valid tokens first ("right") or last ("left"), under one
+of two rules:
 
 - ``ours``: the transformer sizes the text RoPE table by the tensor width;
 - ``legacy``: vllm-omni's ``max(mask.sum())`` per CFG branch, with the "kernel" flavour of
   ``qwen_image_omni.check.legacy`` (positions past the table stay unrotated; "native" raises).
 
-The trainer (always ours) re-scores every SDE step with ``QwenImage.prepare_model_inputs`` +
-``forward_and_sample_previous_step``. Right padding: on the embeddings re-collated without
+The trainer (always ours) re-scores every SDE step with the package's ``recompute_log_probs``
+(the adapter's ``prepare_model_inputs`` + ``forward_and_sample_previous_step``). Right padding: on the embeddings re-collated without
 padding (what a trainer's nested unpadding gives). Left padding: on the rollout's own tensors
 (re-collating would move the valid tokens, which changes RoPE positions under any rule).
 
@@ -25,26 +26,22 @@ Log-probs are the scheduler's, i.e. means over latent elements, as in Flow-GRPO 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.support.rl_tiny
+from qwen_image_omni import QwenImageTransformer2DModel
+from qwen_image_omni.check.legacy import legacy_rope_per_call
+from qwen_image_omni.check.sources import TINY_CONFIG, tiny_source
+from qwen_image_omni.pipelines.config import DiffusionModelConfig
+from qwen_image_omni.pipelines.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, PromptBatch, recompute_log_probs
+from qwen_image_omni.pipelines.qwen_image_flow_grpo import DiffusersQwenImagePipelineWithLogProb
+from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
-from tests.support.rl_tiny import (  # noqa: E402
-    NEGATIVE_LENGTHS,
-    PROMPT_LENGTHS,
-    collate,
-    legacy_rope_per_call,
-    make_pipeline,
-    model_config,
-    prompt_rows,
-    recompute_log_probs,
-    run_diffuse,
-)
-
+HEIGHT = WIDTH = 64  # pixels: a 4x4 grid of packed latent tokens
+STEPS = 4
+PROMPT_LENGTHS = (37, 30)  # valid tokens of the positive prompt, per sample
+NEGATIVE_LENGTHS = (5, 3)  # of the negative prompt
 WIDTHS = (64, 256, 1024)
 LAYOUTS = ("right", "left")
 RULES = ("ours", "legacy")
@@ -52,31 +49,71 @@ SDE_TYPES = ("sde", "cps", "dance_sde")
 CLIP_RANGE = 1e-4
 
 
+def make_pipeline() -> DiffusersQwenImagePipelineWithLogProb:
+    """The rollout pipeline around the tiny transformer (no text encoder, no VAE)."""
+    transformer = tiny_source().load(QwenImageTransformer2DModel, torch.float32).eval()
+    scheduler = FlowMatchSDEDiscreteScheduler.from_config(QWEN_IMAGE_SCHEDULER_CONFIG)
+    return DiffusersQwenImagePipelineWithLogProb(transformer=transformer, scheduler=scheduler)
+
+
+def prompt_rows(lengths, seed):
+    """Unpadded random prompt embeddings, one ``(n_i, joint_attention_dim)`` tensor per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, TINY_CONFIG["joint_attention_dim"], generator=generator) for n in lengths]
+
+
 def collate_pair(rows, width, layout, cfg_scale):
-    """(prompt, negative) collated to ``width`` with ``layout``; no negative without CFG."""
+    """The CFG pair collated to ``width`` (None: the longest row) with ``layout``; no negative without CFG."""
     positive, negative = rows
-    return collate(positive, width, layout), (collate(negative, width, layout) if cfg_scale > 1 else None)
+    return PromptBatch.from_rows(positive, negative if cfg_scale > 1 else None, width, layout)
 
 
-def trainer_pair(rows, rollout_pair, layout, cfg_scale):
+def trainer_prompts(rows, rollout_prompts, layout, cfg_scale):
     """What the trainer scores on: unpadded re-collation (right) or the rollout's tensors (left)."""
-    return collate_pair(rows, None, "right", cfg_scale) if layout == "right" else rollout_pair
+    return collate_pair(rows, None, "right", cfg_scale) if layout == "right" else rollout_prompts
+
+
+def model_config(sde_type, cfg_scale):
+    """The trainer's config."""
+    return DiffusionModelConfig(
+        architecture="QwenImagePipeline",
+        algorithm="flow_grpo",
+        pipeline={"height": HEIGHT, "width": WIDTH, "num_inference_steps": STEPS, "true_cfg_scale": cfg_scale},
+        algo={"noise_level": 0.7, "sde_type": sde_type},
+    )
+
+
+def rollout(pipe, prompts, sde_type, cfg_scale, seed=0):
+    """One rollout, every step but the last in the SDE window; ``(all_latents, all_log_probs, all_timesteps)``."""
+    with torch.no_grad():
+        _, all_latents, all_log_probs, all_timesteps, _ = pipe.rollout(
+            prompts,
+            height=HEIGHT,
+            width=WIDTH,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(seed),
+            true_cfg_scale=cfg_scale,
+            sde_type=sde_type,
+        )
+    return all_latents, all_log_probs, all_timesteps
 
 
 def measure(pipe, rows, rule, sde_type, cfg_scale, width, layout, seeds):
     """Return ``(rollout, trainer)`` log-probs ``(seeds * B, W)`` for one configuration."""
-    rollout_pair = collate_pair(rows, width, layout, cfg_scale)
+    rollout_prompts = collate_pair(rows, width, layout, cfg_scale)
     config = model_config(sde_type, cfg_scale)
+    micro_batch = {"height": HEIGHT, "width": WIDTH, "vae_scale_factor": pipe.vae_scale_factor}
     rollouts, trainers = [], []
     for seed in range(seeds):
         if rule == "legacy":
             with legacy_rope_per_call(pipe.transformer, mode="kernel"):
-                _, latents, log_probs, timesteps = run_diffuse(pipe, *rollout_pair, sde_type, cfg_scale, seed=seed)
+                latents, log_probs, timesteps = rollout(pipe, rollout_prompts, sde_type, cfg_scale, seed)
         else:
-            _, latents, log_probs, timesteps = run_diffuse(pipe, *rollout_pair, sde_type, cfg_scale, seed=seed)
-        prompt, negative = trainer_pair(rows, rollout_pair, layout, cfg_scale)
+            latents, log_probs, timesteps = rollout(pipe, rollout_prompts, sde_type, cfg_scale, seed)
         rollouts.append(log_probs)
-        trainers.append(recompute_log_probs(pipe.transformer, config, latents, timesteps, prompt, negative))
+        with torch.no_grad():
+            prompts = trainer_prompts(rows, rollout_prompts, layout, cfg_scale)
+            trainers.append(recompute_log_probs(pipe.transformer, config, latents, timesteps, prompts, micro_batch))
     return torch.cat(rollouts), torch.cat(trainers)
 
 
@@ -94,7 +131,7 @@ def native_outcome(pipe, rows, width):
     """What the legacy "native" flavour does on a right-padded CFG pair."""
     try:
         with legacy_rope_per_call(pipe.transformer, mode="native"):
-            run_diffuse(pipe, *collate_pair(rows, width, "right", 4.0), "sde", 4.0)
+            rollout(pipe, collate_pair(rows, width, "right", 4.0), "sde", 4.0)
     except (RuntimeError, ValueError) as error:
         return f"raises {type(error).__name__}"
     return "runs"
@@ -152,7 +189,7 @@ def main() -> None:
     start = time.perf_counter()
     pipe = make_pipeline()
     rows = (prompt_rows(PROMPT_LENGTHS, seed=1), prompt_rows(NEGATIVE_LENGTHS, seed=2))
-    print(f"tiny Qwen-Image transformer, 4 steps, 4x4 latent grid, batch 2 x {args.seeds} seeds, fp32 CPU\n")
+    print(f"tiny Qwen-Image transformer, {STEPS} steps, 4x4 latent grid, batch 2 x {args.seeds} seeds, fp32 CPU\n")
     main_table(pipe, rows, args.seeds)
     sweep_table(pipe, rows, args.seeds)
     print(f"\n{time.perf_counter() - start:.0f} s")

@@ -179,3 +179,18 @@ def test_the_test_tree_mirrors_the_package_with_few_files_at_its_root():
     assert len(list(tests.glob("test_*.py"))) <= 8
     for folder in ("models", "kernels", "pipelines", "integrations/vllm_omni", "integrations/verl_omni", "cli", "check"):
         assert list((tests / folder).glob("test_*.py")), folder
+
+
+def test_benchmarks_import_nothing_from_the_tests_and_load_no_script_by_path():
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    scripts = sorted(benchmarks.glob("*.py"))
+    assert scripts
+    for script in scripts:
+        tree = ast.parse(script.read_text(), str(script))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] != "tests", f"{script.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert all(alias.name.split(".")[0] != "tests" for alias in node.names), script.name
+            elif isinstance(node, ast.Attribute):
+                assert node.attr != "spec_from_file_location", f"{script.name} loads a script by path"

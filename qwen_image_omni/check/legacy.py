@@ -160,3 +160,30 @@ def legacy_forward(model: nn.Module, mode: str = "native", **forward_kwargs):
     txt_seq_len = legacy_txt_seq_len(forward_kwargs.get("encoder_hidden_states_mask"))
     with legacy_text_rope(model, txt_seq_len, mode):
         return model(**forward_kwargs)
+
+
+@contextlib.contextmanager
+def legacy_rope_per_call(model: nn.Module, mode: str = "kernel") -> Iterator[nn.Module]:
+    """Inside, every forward of ``model`` sizes its text RoPE table as legacy vllm-omni did.
+
+    Each call uses ``max(mask.sum(dim=1))`` of its own ``encoder_hidden_states_mask`` (so the
+    positive and negative CFG branches get their own lengths, as vllm-omni threaded one length
+    list per branch), through :func:`legacy_text_rope`.
+    """
+    calls = contextlib.ExitStack()
+
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        length = legacy_txt_seq_len(kwargs["encoder_hidden_states_mask"])
+        calls.enter_context(legacy_text_rope(module, length, mode))
+
+    def leave(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        calls.close()
+
+    pre = model.register_forward_pre_hook(enter, with_kwargs=True)
+    post = model.register_forward_hook(leave, with_kwargs=True)
+    try:
+        yield model
+    finally:
+        pre.remove()
+        post.remove()
+        calls.close()

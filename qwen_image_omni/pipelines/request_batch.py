@@ -3,7 +3,7 @@
 verl-omni's rollout server sends each request a prompt dict with templated token ids
 (``prompt_token_ids``, optional ``prompt_mask``, ``negative_prompt_ids``, ``negative_prompt_mask``).
 A rollout pipeline that takes a packed batch collates them here; the per-row SDE windows and
-generators are :func:`~qwen_image_omni.pipelines.qwen_image_flow_grpo.common.sample_sde_windows`.
+generators are :func:`~qwen_image_omni.pipelines.qwen_image.sde_window.sample_sde_windows`.
 """
 
 from __future__ import annotations

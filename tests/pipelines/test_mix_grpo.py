@@ -126,7 +126,7 @@ def test_registered_and_reuses_flow_grpo():
     assert issubclass(QwenImageMixGRPOPipelineWithLogProb, QwenImagePipelineWithLogProb)
     for name in ("prepare_model_inputs", "sample_previous_step", "forward_and_sample_previous_step"):
         assert getattr(QwenImageMixGRPO, name).__func__ is getattr(QwenImage, name).__func__
-    assert QwenImageMixGRPOPipelineWithLogProb.diffuse is QwenImagePipelineWithLogProb.diffuse
+    assert QwenImageMixGRPOPipelineWithLogProb.run_rollout is QwenImagePipelineWithLogProb.run_rollout
 
 
 def test_adapter_window_from_config():

@@ -26,7 +26,7 @@ from qwen_image_omni.pipelines.qwen_image_edit_flow_grpo import (
     QwenImageEditPlusFlowGRPO,
     QwenImageEditPlusPipelineWithLogProb,
 )
-from qwen_image_omni.pipelines.qwen_image_flow_grpo import QWEN_IMAGE_SCHEDULER_CONFIG, apply_true_cfg
+from qwen_image_omni.pipelines.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, PromptBatch, apply_true_cfg
 from qwen_image_omni.pipelines.rollout_output import per_request_rollouts
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
@@ -288,7 +288,7 @@ def test_trainer_recomputes_edit_rollout_log_probs(pipe, rows, sde_type, cfg, tr
 def test_rollout_goes_through_the_trainer_dispatch(pipe, rows, monkeypatch):
     """Every rollout step builds its inputs with the trainer's input path, utils.adapter_model_inputs
     (the adapter's prepare_model_inputs, then the condition injected)."""
-    from qwen_image_omni.pipelines.qwen_image_flow_grpo import rollout as shared_loop
+    from qwen_image_omni.pipelines.qwen_image import rollout as shared_loop
 
     calls = []
     original = utils.adapter_model_inputs
@@ -426,6 +426,8 @@ def test_pipeline_bad_input_raises(pipe, rows, change, match):
         _rollout(pipe, rows, ROLLOUT_WIDTH, **change)
 
 
-def test_the_loop_needs_a_condition(pipe):
-    with pytest.raises(ValueError, match="no condition is set"):
-        pipe._micro_batch([[TARGET_SHAPE]])
+def test_the_loop_needs_a_condition(pipe, rows):
+    """The shared loop entered without the Edit condition: the trainer's input path says what is missing."""
+    prompt = collate(rows[0], ROLLOUT_WIDTH)
+    with pytest.raises(ValueError, match="found no condition"):
+        pipe.rollout(PromptBatch(prompt.embeds, prompt.mask), height=HEIGHT, width=HEIGHT, num_inference_steps=STEPS)

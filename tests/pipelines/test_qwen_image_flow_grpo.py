@@ -27,6 +27,7 @@ from qwen_image_omni.pipelines.qwen_image_flow_grpo import (
     sample_sde_window,
     set_qwen_image_timesteps,
 )
+from qwen_image_omni.pipelines.qwen_image import PromptBatch
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
 from tests.support.rl_tiny import (
@@ -430,7 +431,7 @@ def test_rollout_repeats_a_single_negative_prompt_without_a_mask(pipe):
     kwargs = {**_embeds_kwargs(cfg=False), "negative_prompt_embeds": negative.embeds, "sde_window_size": 1}
     with_mask = _run(pipe, **kwargs, negative_prompt_embeds_mask=torch.ones(1, negative.embeds.shape[1]))
     without = pipe.rollout(
-        with_mask.prompt_embeds, with_mask.prompt_embeds_mask, negative.embeds, None, height=HEIGHT, width=WIDTH,
+        PromptBatch(with_mask.prompt_embeds, with_mask.prompt_embeds_mask, negative.embeds), height=HEIGHT, width=WIDTH,
         num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), true_cfg_scale=4.0,
         sde_window_size=1, sde_window_range=(0, STEPS),
     )  # fmt: skip

@@ -20,7 +20,8 @@ from qwen_image_omni.pipelines import (
     import_external_libs,
     prepare_model_inputs,
 )
-from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImage, sample_sde_windows
+from qwen_image_omni.pipelines.qwen_image import check_sde_windows, sample_sde_windows
+from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImage
 from qwen_image_omni.pipelines.rollout_output import envelope_media, per_request_rollouts, rollout_envelope
 
 from tests.support.rl_tiny import (
@@ -96,10 +97,8 @@ def test_one_generator_shares_one_window_and_windows_are_checked():
     assert sample_sde_windows(None, (0, 4), 4, None, 2) == [(0, 3), (0, 3)]
     with pytest.raises(ValueError, match="one generator per sample"):
         sample_sde_windows(2, (0, 4), 4, [torch.Generator()], 2)
-    pipe = make_pipeline()
     with pytest.raises(ValueError, match="one size"):
-        pipe.diffuse(*([None] * 4), torch.zeros(2, 16, 16), [], torch.ones(4), False, None, 1.0, 0.7,
-                     [(0, 1), (0, 2)], "sde", None, True)  # fmt: skip
+        check_sde_windows([(0, 1), (0, 2)], 4, 2)
 
 
 # -- the output envelope ------------------------------------------------------------------------------

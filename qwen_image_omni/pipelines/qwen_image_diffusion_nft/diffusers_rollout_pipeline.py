@@ -2,7 +2,7 @@
 
 DiffusionNFT trains on the forward process from the rollout's final clean latent, so the rollout
 draws no SDE noise and computes no log-probabilities: it is FlowGRPO's rollout loop
-(:class:`~..qwen_image_flow_grpo.rollout.QwenImageRolloutMixin`) at noise level 0 everywhere, i.e. the
+(:class:`~..qwen_image.rollout.QwenImageRolloutMixin`) at noise level 0 everywhere, i.e. the
 flow-match Euler ODE of diffusers' ``QwenImagePipeline``. What the trainer needs goes in
 ``rl`` (``metadata["rl"]`` of the output envelope), as verl-omni main's DiffusionNFT rollout records it:
 
@@ -19,8 +19,8 @@ import dataclasses
 import inspect
 from typing import Any
 
+from ..qwen_image import QwenImageRolloutOutput
 from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb
-from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
 from .rollout import SDE_OPTIONS, QwenImageDiffusionNFTRolloutMixin, diffusion_nft_rl
 
 __all__ = ["SDE_OPTIONS", "DiffusersQwenImageDiffusionNFTPipeline", "QwenImageDiffusionNFTPipeline", "diffusion_nft_rl"]

@@ -19,7 +19,7 @@ from ...models import QwenImageTransformer2DModel
 from ..checks import check_int
 from ..config import DiffusionModelConfig
 from ..model_base import DiffusionModelBase
-from ..qwen_image_flow_grpo.common import apply_true_cfg
+from ..qwen_image import apply_true_cfg
 from ..qwen_image_flow_grpo.diffusers_training_adapter import QwenImage
 
 __all__ = ["QwenImageDiffusionNFT"]

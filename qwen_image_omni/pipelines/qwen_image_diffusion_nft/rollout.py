@@ -2,7 +2,7 @@
 
 DiffusionNFT trains on the forward process from the rollout's final clean latent, so the rollout
 draws no SDE noise and computes no log-probabilities. :class:`QwenImageDiffusionNFTRolloutMixin`
-runs :class:`~..qwen_image_flow_grpo.rollout.QwenImageRolloutMixin`'s loop (the trainer's own step
+runs :class:`~..qwen_image.rollout.QwenImageRolloutMixin`'s loop (the trainer's own step
 functions, through :class:`~.diffusers_training_adapter.QwenImageDiffusionNFT`) at noise level 0
 everywhere, i.e. the flow-match Euler ODE of diffusers' ``QwenImagePipeline``. What the trainer
 needs goes in ``metadata["rl"]``, as verl-omni main's DiffusionNFT rollout records it
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..checks import check_int
+from ..qwen_image import PromptBatch
 from .diffusers_training_adapter import QwenImageDiffusionNFT
 
 __all__ = [
@@ -104,10 +105,7 @@ class QwenImageDiffusionNFTRolloutMixin:
 
     def start_rollout(
         self,
-        prompt_embeds: torch.Tensor,
-        prompt_embeds_mask: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds_mask: torch.Tensor | None,
+        prompts: PromptBatch,
         *,
         num_inference_steps: int = 50,
         return_trajectory: bool | None = None,
@@ -120,8 +118,7 @@ class QwenImageDiffusionNFTRolloutMixin:
         ``(B, W)`` (``W`` = 1, or N with ``return_trajectory``).
 
         Args:
-            prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask:
-                as ``QwenImageRolloutMixin.start_rollout``.
+            prompts: the encoded prompts, as ``QwenImageRolloutMixin.start_rollout``.
             num_inference_steps: number of denoising steps N.
             return_trajectory: record the whole ODE path instead of the last step; None: the
                 pipeline's current setting (its ``forward`` argument).
@@ -134,14 +131,7 @@ class QwenImageDiffusionNFTRolloutMixin:
         if return_trajectory is None:
             return_trajectory = self._nft_return_trajectory
         kwargs.update(nft_ode_options(num_inference_steps, return_trajectory))
-        return super().start_rollout(
-            prompt_embeds,
-            prompt_embeds_mask,
-            negative_prompt_embeds,
-            negative_prompt_embeds_mask,
-            num_inference_steps=num_inference_steps,
-            **kwargs,
-        )
+        return super().start_rollout(prompts, num_inference_steps=num_inference_steps, **kwargs)
 
     def diffusion_nft_rl(self, latents: torch.Tensor, timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """:func:`diffusion_nft_rl` of the final latents and the schedule the rollout ran.

@@ -3,7 +3,7 @@
 verl-omni main's ``QwenImageDiffusionNFTPipeline`` contract: each request's ``DiffusionOutput``
 carries the image, ``metadata["prompt_embeddings"]`` and ``metadata["rl"] = {"latents_clean",
 "train_timesteps"}``. Here the loop is FlowGRPO's
-(:class:`~..qwen_image_flow_grpo.rollout.QwenImageRolloutMixin`) as a deterministic ODE
+(:class:`~..qwen_image.rollout.QwenImageRolloutMixin`) as a deterministic ODE
 (:class:`~.rollout.QwenImageDiffusionNFTRolloutMixin`, shared with the diffusers rollout pipeline),
 with no text length anywhere. Requests carry templated token ids, precomputed embeddings or text,
 as for the FlowGRPO twin; RL frameworks load it with ``load_format="custom_pipeline"`` and
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..qwen_image_flow_grpo.rollout import RolloutRun
+from ..qwen_image import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from .rollout import QwenImageDiffusionNFTRolloutMixin
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..qwen_image import QwenImageRolloutOutput
 from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb
-from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
 from .rollout import CLEAN_LATENTS_KEY, SDE_ROLLOUT_OPTIONS, QwenImageDPORolloutMixin
 
 __all__ = ["DiffusersQwenImageDPOPipeline", "QwenImageDPOPipeline"]

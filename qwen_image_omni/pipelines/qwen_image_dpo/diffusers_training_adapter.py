@@ -20,9 +20,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..model_base import DiffusionModelBase
-from ..qwen_image_flow_grpo.common import (
-    _module_dtype,
+from ..qwen_image import (
     load_qwen_image_scheduler,
+    module_dtype,
     set_pipeline_timesteps,
 )
 from ..qwen_image_flow_grpo.diffusers_training_adapter import QwenImage
@@ -135,7 +135,7 @@ class QwenImageDPO(DiffusionModelBase):
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"`latents` must be the (batch, image tokens, channels) noised latents, got {shape}")
         timesteps = cls._batch_timesteps(timesteps, latents.shape[0])
-        dtype = _module_dtype(module)
+        dtype = module_dtype(module)
         hidden_states = latents if dtype is None else latents.to(dtype)
         common = {
             "hidden_states": hidden_states,

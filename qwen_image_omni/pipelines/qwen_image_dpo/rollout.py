@@ -2,7 +2,7 @@
 
 A DPO rollout only has to produce images and the clean latents the trainer re-noises; it samples no
 SDE step and computes no log-probability. :class:`QwenImageDPORolloutMixin` runs
-:class:`~..qwen_image_flow_grpo.QwenImageRolloutMixin`'s loop (the trainer's own step functions) at
+:class:`~..qwen_image.rollout.QwenImageRolloutMixin`'s loop (the trainer's own step functions) at
 noise level 0 everywhere, i.e. the flow-matching Euler ODE of diffusers' ``QwenImagePipeline``.
 """
 
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..checks import check_int
+from ..qwen_image import PromptBatch
 
 __all__ = ["CLEAN_LATENTS_KEY", "SDE_ROLLOUT_OPTIONS", "QwenImageDPORolloutMixin", "ode_rollout_options"]
 
@@ -57,10 +56,7 @@ class QwenImageDPORolloutMixin:
 
     def start_rollout(
         self,
-        prompt_embeds: torch.Tensor,
-        prompt_embeds_mask: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds_mask: torch.Tensor | None,
+        prompts: PromptBatch,
         *,
         num_inference_steps: int = 50,
         **kwargs: Any,
@@ -71,8 +67,7 @@ class QwenImageDPORolloutMixin:
         clean latents ``(B, S, C)``, the last step's states ``(B, 2, S, C)`` and timestep ``(B, 1)``.
 
         Args:
-            prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask:
-                as ``QwenImageRolloutMixin.start_rollout``.
+            prompts: the encoded prompts, as ``QwenImageRolloutMixin.start_rollout``.
             num_inference_steps: number of denoising steps N.
             **kwargs: the other arguments of ``QwenImageRolloutMixin.start_rollout``; any of
                 :data:`SDE_ROLLOUT_OPTIONS` among them is replaced.
@@ -81,11 +76,4 @@ class QwenImageDPORolloutMixin:
             The ``RolloutRun`` at step 0.
         """
         kwargs.update(ode_rollout_options(num_inference_steps))
-        return super().start_rollout(
-            prompt_embeds,
-            prompt_embeds_mask,
-            negative_prompt_embeds,
-            negative_prompt_embeds_mask,
-            num_inference_steps=num_inference_steps,
-            **kwargs,
-        )
+        return super().start_rollout(prompts, num_inference_steps=num_inference_steps, **kwargs)

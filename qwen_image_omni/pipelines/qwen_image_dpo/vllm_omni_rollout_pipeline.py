@@ -2,7 +2,7 @@
 
 verl-omni main's ``QwenImageDPOPipeline`` contract: each request's ``DiffusionOutput`` carries the
 image, ``metadata["prompt_embeddings"]`` and ``metadata["rl"] = {"latents_clean": ...}``. Here the
-loop is FlowGRPO's (:class:`~..qwen_image_flow_grpo.QwenImageRolloutMixin`) as a deterministic ODE,
+loop is FlowGRPO's (:class:`~..qwen_image.rollout.QwenImageRolloutMixin`) as a deterministic ODE,
 with no text length anywhere.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..qwen_image_flow_grpo.rollout import RolloutRun
+from ..qwen_image import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from .rollout import CLEAN_LATENTS_KEY, QwenImageDPORolloutMixin
 

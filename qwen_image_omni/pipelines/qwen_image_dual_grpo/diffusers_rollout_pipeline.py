@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from ..qwen_image import QwenImageRolloutOutput
 from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb
-from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
 from .diffusers_training_adapter import QwenImageDualGRPO
 from .text_sampling import TEXT_SAMPLING_OPTIONS, QwenImageTextSamplingMixin, text_sampling_options
 

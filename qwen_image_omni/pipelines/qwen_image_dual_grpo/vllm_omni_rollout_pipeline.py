@@ -13,7 +13,7 @@ from typing import Any
 
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 
-from ..qwen_image_flow_grpo.rollout import RolloutRun
+from ..qwen_image import RolloutRun
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb
 from ..request_batch import PROMPT_TOKEN_ID_KEYS, collate_token_ids
 from .diffusers_training_adapter import QwenImageDualGRPO

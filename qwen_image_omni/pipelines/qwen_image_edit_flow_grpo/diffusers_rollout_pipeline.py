@@ -2,7 +2,7 @@
 
 :class:`DiffusersQwenImageEditPlusPipelineWithLogProb` takes precomputed prompt embeddings and precomputed,
 packed condition image latents ``(B, S_c, C)`` with their ``img_shapes``, and runs the Qwen-Image
-rollout loop (:class:`~..qwen_image_flow_grpo.QwenImageRolloutMixin`) with
+rollout loop (:class:`~..qwen_image.rollout.QwenImageRolloutMixin`) with
 :class:`~.diffusers_training_adapter.QwenImageEditPlusFlowGRPO` as the training adapter: every step
 builds its inputs with the trainer's own :func:`qwen_image_omni.pipelines.utils.prepare_model_inputs`
 (target inputs + condition injection) and draws the transition with the adapter's
@@ -19,7 +19,6 @@ import torch
 
 from ..checks import check_int
 from ..qwen_image_flow_grpo import DiffusersQwenImagePipelineWithLogProb, QwenImageRolloutOutput
-from ..qwen_image_flow_grpo.common import OUTPUT_TYPES, _check_rollout_scales
 from .diffusers_training_adapter import CONDITION_LATENTS_KEY, IMG_SHAPES_KEY
 from .rollout import ARCHITECTURE, QwenImageEditRolloutMixin
 
@@ -99,32 +98,15 @@ class DiffusersQwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, D
             raise ValueError(
                 "`prompt_embeds` is required (Qwen-Image-Edit prompts are encoded with the image by the caller)"
             )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if output_type != "latent" and self.vae is None:
-            raise ValueError(f"output_type={output_type!r} needs a `vae`; this pipeline has none (use 'latent')")
-        _check_rollout_scales(true_cfg_scale, guidance_scale, noise_level, sde_type)
+        self._begin_forward(output_type, attention_kwargs, true_cfg_scale, guidance_scale, noise_level, sde_type)
         repeats = check_int("`num_images_per_prompt`", num_images_per_prompt, 1)
-        self._attention_kwargs = attention_kwargs or {}
-        self._current_timestep = None
-        self._interrupt = False
-
-        prompt_embeds, prompt_embeds_mask = self.encode_prompt_ids(
-            None, None, prompt_embeds, prompt_embeds_mask, repeats, max_sequence_length, name="prompt"
-        )
-        do_true_cfg = self._do_true_cfg(true_cfg_scale, None, negative_prompt_embeds)
-        if do_true_cfg:
-            negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt_ids(
-                None, None, negative_prompt_embeds, negative_prompt_embeds_mask,
-                repeats, max_sequence_length, name="negative_prompt",
-            )  # fmt: skip
-        else:
-            negative_prompt_embeds = negative_prompt_embeds_mask = None
+        prompts = self._forward_prompts(
+            (None, None, prompt_embeds, prompt_embeds_mask),
+            (None, None, negative_prompt_embeds, negative_prompt_embeds_mask),
+            true_cfg_scale, repeats, max_sequence_length,
+        )  # fmt: skip
         result = self.edit_rollout(
-            prompt_embeds,
-            prompt_embeds_mask,
-            negative_prompt_embeds,
-            negative_prompt_embeds_mask,
+            prompts,
             condition_image_latents=condition_image_latents,
             img_shapes=img_shapes,
             num_images_per_prompt=repeats,
@@ -151,10 +133,7 @@ class DiffusersQwenImageEditPlusPipelineWithLogProb(QwenImageEditRolloutMixin, D
             all_latents=result["all_latents"],
             all_log_probs=result["all_log_probs"],
             all_timesteps=result["all_timesteps"],
-            prompt_embeds=prompt_embeds,
-            prompt_embeds_mask=prompt_embeds_mask,
-            negative_prompt_embeds=negative_prompt_embeds,
-            negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+            **prompts.as_dict(),
             sde_window=result["sde_windows"][0],
             sde_windows=result["sde_windows"],
             rl={CONDITION_LATENTS_KEY: condition_image_latents, IMG_SHAPES_KEY: img_shapes},

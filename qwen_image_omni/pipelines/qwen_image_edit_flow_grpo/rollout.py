@@ -1,7 +1,7 @@
 """The Qwen-Image-Edit-Plus rollout: the Qwen-Image rollout loop with the condition image, shared by both rollout pipelines.
 
 :class:`QwenImageEditRolloutMixin` holds what the Edit rollout adds to
-:class:`~..qwen_image_flow_grpo.rollout.QwenImageRolloutMixin`: checking and repeating the packed
+:class:`~..qwen_image.rollout.QwenImageRolloutMixin`: checking and repeating the packed
 condition latents and their ``img_shapes`` (:meth:`~QwenImageEditRolloutMixin._condition_inputs`),
 and the loop's hooks (micro-batch, step config) that carry the condition to the trainer's own input
 path (:func:`qwen_image_omni.pipelines.utils.adapter_model_inputs`, which the shared loop calls) and
@@ -11,12 +11,11 @@ diffusers rollout pipeline and its vllm-omni twin both run :meth:`~QwenImageEdit
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
-from ..config import DiffusionModelConfig
+from ..qwen_image import PromptBatch
 from .diffusers_training_adapter import (
     CONDITION_LATENTS_KEY,
     IMG_SHAPES_KEY,
@@ -24,13 +23,13 @@ from .diffusers_training_adapter import (
     check_img_shapes,
 )
 
-__all__ = ["ARCHITECTURE", "QwenImageEditRolloutMixin"]
+__all__ = ["ARCHITECTURE", "QwenImageEditRolloutMixin", "is_shape"]
 
 ARCHITECTURE = "QwenImageEditPlusPipeline"
 """The ``_class_name`` of Qwen-Image-Edit-Plus checkpoints (the registry key)."""
 
 
-def _is_shape(value: Any) -> bool:
+def is_shape(value: Any) -> bool:
     """Whether ``value`` is one ``(frames, rows, cols)`` triple rather than a list of them."""
     return isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value)
 
@@ -38,7 +37,7 @@ def _is_shape(value: Any) -> bool:
 class QwenImageEditRolloutMixin:
     """Makes a Qwen-Image rollout pipeline (diffusers' or vllm-omni's) the Edit-Plus one: condition tokens appended.
 
-    Put it before the host pipeline and :class:`~..qwen_image_flow_grpo.rollout.QwenImageRolloutMixin`
+    Put it before the host pipeline and :class:`~..qwen_image.rollout.QwenImageRolloutMixin`
     in the bases. The target noise is denoised with the condition tokens appended at every step, as
     diffusers' ``QwenImageEditPlusPipeline`` does, through the training adapter's step functions.
     The host provides ``transformer``, ``scheduler``, ``vae_scale_factor`` and the mixin loop.
@@ -47,14 +46,12 @@ class QwenImageEditRolloutMixin:
     training_adapter = QwenImageEditPlusFlowGRPO
     """The trainer-side adapter whose step functions the rollout runs."""
 
-    _edit_condition: dict[str, Any] | None = None
+    algorithm = "flow_grpo"
+    architecture = ARCHITECTURE
 
     def edit_rollout(
         self,
-        prompt_embeds: torch.Tensor,
-        prompt_embeds_mask: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds_mask: torch.Tensor | None,
+        prompts: PromptBatch,
         *,
         condition_image_latents: Any,
         img_shapes: Any,
@@ -66,11 +63,8 @@ class QwenImageEditRolloutMixin:
         """Check and repeat the condition, then run the mixin's ``rollout`` with it appended at every step.
 
         Args:
-            prompt_embeds: ``(B, L, D)`` prompt embeddings, already repeated per image (``B`` =
-                prompts x ``num_images_per_prompt``).
-            prompt_embeds_mask: ``(B, L)`` their mask.
-            negative_prompt_embeds: ``(B, L', D)`` negative embeddings for true CFG, or None.
-            negative_prompt_embeds_mask: their mask, or None.
+            prompts: the encoded prompts, already repeated per image (``B`` = prompts x
+                ``num_images_per_prompt``); a negative pair for true CFG.
             condition_image_latents: ``(prompts or 1, S_c, C)`` packed condition latents, not repeated.
             img_shapes: ``[target, *conditions]`` shapes, one list per prompt or one for all.
             num_images_per_prompt: repeats per prompt.
@@ -87,10 +81,7 @@ class QwenImageEditRolloutMixin:
                 channels or the target size; and as ``QwenImageRolloutMixin.rollout``.
         """
         run = self.start_edit_rollout(
-            prompt_embeds,
-            prompt_embeds_mask,
-            negative_prompt_embeds,
-            negative_prompt_embeds_mask,
+            prompts,
             condition_image_latents=condition_image_latents,
             img_shapes=img_shapes,
             num_images_per_prompt=num_images_per_prompt,
@@ -111,10 +102,7 @@ class QwenImageEditRolloutMixin:
 
     def start_edit_rollout(
         self,
-        prompt_embeds: torch.Tensor,
-        prompt_embeds_mask: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds_mask: torch.Tensor | None,
+        prompts: PromptBatch,
         *,
         condition_image_latents: Any,
         img_shapes: Any,
@@ -123,13 +111,13 @@ class QwenImageEditRolloutMixin:
         width: int | None,
         **rollout_kwargs: Any,
     ) -> Any:
-        """Check and repeat the condition, then the mixin's ``start_rollout`` with it in the run's micro-batch.
+        """Check and repeat the condition, then the mixin's ``start_rollout`` with it as the run's ``condition``.
 
         Arguments and errors as :meth:`edit_rollout`. The returned ``RolloutRun`` carries the condition
         in its micro-batch (every step appends it) and ``context["edit"]`` =
         ``{"condition_image_latents", "img_shapes", "height", "width"}``, the condition repeated per image.
         """
-        batch_size = prompt_embeds.shape[0]
+        batch_size = prompts.batch_size
         if batch_size % num_images_per_prompt:
             raise ValueError(
                 f"`prompt_embeds` has {batch_size} rows, not a multiple of num_images_per_prompt={num_images_per_prompt}"
@@ -139,23 +127,16 @@ class QwenImageEditRolloutMixin:
             img_shapes,
             batch_size // num_images_per_prompt,
             num_images_per_prompt,
-            prompt_embeds.device,
+            prompts.prompt_embeds.device,
         )
         height, width = self._target_size(img_shapes[0][0], height, width)
-        # The mixin reads the condition through `_micro_batch` while it builds the run; the run keeps it.
-        self._edit_condition = {CONDITION_LATENTS_KEY: condition_image_latents, IMG_SHAPES_KEY: img_shapes}
-        try:
-            run = self.start_rollout(
-                prompt_embeds,
-                prompt_embeds_mask,
-                negative_prompt_embeds,
-                negative_prompt_embeds_mask,
-                height=height,
-                width=width,
-                **rollout_kwargs,
-            )
-        finally:
-            self._edit_condition = None
+        run = self.start_rollout(
+            prompts,
+            height=height,
+            width=width,
+            condition={CONDITION_LATENTS_KEY: condition_image_latents, IMG_SHAPES_KEY: img_shapes},
+            **rollout_kwargs,
+        )
         run.context["edit"] = {
             CONDITION_LATENTS_KEY: condition_image_latents,
             IMG_SHAPES_KEY: img_shapes,
@@ -204,7 +185,7 @@ class QwenImageEditRolloutMixin:
             raise ValueError(
                 "`img_shapes` is required: [(1, rows, cols) of the target, *(1, rows, cols) per condition]"
             )
-        if isinstance(img_shapes, (list, tuple)) and img_shapes and _is_shape(img_shapes[0]):
+        if isinstance(img_shapes, (list, tuple)) and img_shapes and is_shape(img_shapes[0]):
             img_shapes = [list(img_shapes)] * num_prompts
         if not isinstance(img_shapes, (list, tuple)) or len(img_shapes) != num_prompts:
             raise ValueError(
@@ -212,7 +193,7 @@ class QwenImageEditRolloutMixin:
                 f"got {img_shapes!r}"
             )
         img_shapes = [sample for sample in img_shapes for _ in range(repeats)]
-        target = img_shapes[0][0] if img_shapes[0] and _is_shape(tuple(img_shapes[0][0])) else None
+        target = img_shapes[0][0] if img_shapes[0] and is_shape(tuple(img_shapes[0][0])) else None
         target_seq_len = target[0] * target[1] * target[2] if target is not None else -1
         img_shapes = check_img_shapes(
             img_shapes, condition_image_latents.shape[0], target_seq_len, condition_image_latents.shape[1]
@@ -234,25 +215,3 @@ class QwenImageEditRolloutMixin:
                     f"`{name}`={given} does not match the target shape {target} of `img_shapes` ({value} pixels)"
                 )
         return expected
-
-    # -- the mixin's hooks: micro-batch, step config and step carry the condition ---------------------
-
-    def _micro_batch(self, img_shapes: list) -> dict[str, Any]:
-        """The trainer's micro-batch: image metadata plus ``condition_image_latents`` and the Edit ``img_shapes``.
-
-        Raises:
-            ValueError: no condition is set (the loop was entered other than through :meth:`forward`).
-        """
-        if self._edit_condition is None:
-            raise ValueError(
-                f"{type(self).__name__} rolls out through forward(..., condition_image_latents=..., img_shapes=...); "
-                "no condition is set"
-            )
-        return {**super()._micro_batch(img_shapes), **self._edit_condition}
-
-    def _step_config(
-        self, img_shapes: list, num_steps: int, guidance: torch.Tensor | None, true_cfg_scale: float
-    ) -> DiffusionModelConfig:
-        """The trainer's config for this rollout, for the ``QwenImageEditPlusPipeline`` architecture."""
-        config = super()._step_config(img_shapes, num_steps, guidance, true_cfg_scale)
-        return dataclasses.replace(config, architecture=ARCHITECTURE)

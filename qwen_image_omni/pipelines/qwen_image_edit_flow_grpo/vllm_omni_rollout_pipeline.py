@@ -2,7 +2,7 @@
 
 :class:`QwenImageEditPlusPipelineWithLogProb` is vllm-omni's ``QwenImageEditPlusPipeline`` with our
 transformer (:class:`qwen_image_omni.integrations.vllm_omni.pipelines.QwenImageEditPlusPipeline`) running the
-Qwen-Image rollout loop (:class:`~..qwen_image_flow_grpo.rollout.QwenImageRolloutMixin`) with the
+Qwen-Image rollout loop (:class:`~..qwen_image.rollout.QwenImageRolloutMixin`) with the
 condition handling of :class:`~.rollout.QwenImageEditRolloutMixin`, the loop of the diffusers Edit
 rollout pipeline, so trainer log-probs equal rollout log-probs. RL frameworks load it with
 ``load_format="custom_pipeline"`` and
@@ -36,13 +36,16 @@ from vllm_omni.diffusion.utils.size_utils import normalize_min_aligned_size
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 
 from ...integrations.vllm_omni.pipelines import QwenImageEditPlusPipeline
-from ..qwen_image_flow_grpo.common import OUTPUT_TYPES, latent_grid, sde_scheduler
-from ..qwen_image_flow_grpo.rollout import QwenImageRolloutMixin, RolloutRun
-from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import QwenImagePipelineWithLogProb, VllmOmniStepRolloutMixin
+from ..qwen_image import OUTPUT_TYPES, PromptBatch, QwenImageRolloutMixin, RolloutRun, latent_grid, sde_scheduler
+from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import (
+    QwenImagePipelineWithLogProb,
+    VllmOmniStepRolloutMixin,
+    sampling_options,
+)
 from ..request_batch import NEGATIVE_TOKEN_ID_KEYS, PROMPT_TOKEN_ID_KEYS, collate_token_ids
 from ..rollout_output import per_request_rollouts
 from .diffusers_training_adapter import CONDITION_LATENTS_KEY, IMG_SHAPES_KEY
-from .rollout import QwenImageEditRolloutMixin, _is_shape
+from .rollout import QwenImageEditRolloutMixin, is_shape
 
 __all__ = ["QwenImageEditPlusPipelineWithLogProb"]
 
@@ -146,21 +149,16 @@ class QwenImageEditPlusPipelineWithLogProb(
         condition_latents, img_shapes, condition_images, height, width = self.rollout_condition(req, arguments)
         prompts = self.rollout_prompts(req, arguments, condition_images)
         run = self.start_edit_rollout(
-            *prompts,
+            prompts,
             condition_image_latents=condition_latents,
             img_shapes=img_shapes,
             num_images_per_prompt=arguments["num_images_per_prompt"],
             height=height,
             width=width,
-            num_inference_steps=arguments["num_inference_steps"],
-            sigmas=arguments["sigmas"],
-            guidance_scale=arguments["guidance_scale"],
-            generator=arguments["generator"],
-            latents=arguments["latents"],
-            true_cfg_scale=arguments["true_cfg_scale"],
+            **sampling_options(arguments),
             **options,
         )
-        run.context.update(arguments=arguments, prompt_embeddings=dict(zip(_EMBED_NAMES, prompts)))
+        run.context.update(arguments=arguments, prompt_embeddings=prompts.as_dict())
         return run
 
     def request_outputs(
@@ -258,9 +256,9 @@ class QwenImageEditPlusPipelineWithLogProb(
                 f"got {tuple(condition.shape)}"
             )
         shapes = fields.get(IMG_SHAPES_KEY)
-        if isinstance(shapes, (list, tuple)) and len(shapes) == 1 and not _is_shape(shapes[0]):
+        if isinstance(shapes, (list, tuple)) and len(shapes) == 1 and not is_shape(shapes[0]):
             shapes = shapes[0]  # verl-omni records one [target, *conditions] list per row
-        if not isinstance(shapes, (list, tuple)) or len(shapes) < 2 or not all(_is_shape(tuple(s)) for s in shapes):
+        if not isinstance(shapes, (list, tuple)) or len(shapes) < 2 or not all(is_shape(tuple(s)) for s in shapes):
             raise ValueError(
                 f"request {index}: `{IMG_SHAPES_KEY}` must be [(1, rows, cols) of the target, *(1, rows, cols) per "
                 f"condition] with precomputed `{CONDITION_LATENTS_KEY}`, got {shapes!r}"
@@ -289,7 +287,7 @@ class QwenImageEditPlusPipelineWithLogProb(
 
     def rollout_prompts(
         self, req: DiffusionRequestBatch, arguments: dict[str, Any], condition_images: list[list[Any] | None]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    ) -> PromptBatch:
         """The batch's prompt embeddings and masks, repeated per image (negatives ``None`` without true CFG).
 
         Token ids and text are encoded with each request's condition images; precomputed
@@ -327,7 +325,7 @@ class QwenImageEditPlusPipelineWithLogProb(
             embeds, mask = pair[0][:, :max_length], pair[1][:, :max_length]
             return embeds.repeat_interleave(per_prompt, dim=0), mask.repeat_interleave(per_prompt, dim=0)
 
-        return (*finish(positive), *(finish(negative) if negative is not None else (None, None)))
+        return PromptBatch(*finish(positive), *(finish(negative) if negative is not None else (None, None)))
 
     @staticmethod
     def _given_embeds(embeds: torch.Tensor, mask: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:

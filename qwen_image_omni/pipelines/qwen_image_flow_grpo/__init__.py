@@ -1,11 +1,7 @@
 """Qwen-Image with FlowGRPO: the training adapter and the rollout pipelines, one file each.
 
-- :mod:`.common`: Qwen-Image helpers every Qwen-Image algorithm shares (geometry, timesteps, true
-  CFG, the SDE window);
 - :mod:`.diffusers_training_adapter`: :class:`QwenImage`, registered for
   ``("QwenImagePipeline", "flow_grpo")``;
-- :mod:`.rollout`: :class:`QwenImageRolloutMixin`, the rollout loop the diffusers and the vllm-omni
-  rollout pipelines share, and :class:`QwenImageRolloutOutput`;
 - :mod:`.diffusers_rollout_pipeline`: :class:`DiffusersQwenImagePipelineWithLogProb` on diffusers
   (also importable as ``QwenImagePipelineWithLogProb``, its former name);
 - :mod:`.vllm_omni_rollout_pipeline`: its vllm-omni twin, verl-omni's ``QwenImagePipelineWithLogProb``,
@@ -16,9 +12,13 @@ prompt embeddings to any width and still score the same transitions.
 """
 
 from ..model_base import VllmOmniPipelineBase
-from .common import (
+
+# The shared Qwen-Image names this package has always exported (their home is ..qwen_image).
+from ..qwen_image import (
     QWEN_IMAGE_SCHEDULER_CONFIG,
     QWEN_IMAGE_VAE_SCALE_FACTOR,
+    QwenImageRolloutMixin,
+    QwenImageRolloutOutput,
     apply_true_cfg,
     build_img_shapes,
     check_sde_window,
@@ -32,7 +32,6 @@ from .common import (
 )
 from .diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb, QwenImagePipelineWithLogProb
 from .diffusers_training_adapter import QwenImage
-from .rollout import QwenImageRolloutMixin, QwenImageRolloutOutput
 
 # The rollout pipelines, by dotted path: the vllm-omni one answers where vllm-omni is installed, and is
 # imported only when asked for (an engine's custom_pipeline_name), never here.

@@ -13,9 +13,17 @@ from diffusers import QwenImagePipeline
 from diffusers.models.modeling_utils import ModelMixin
 
 from ...models import QwenImageTransformer2DModel
+from ..qwen_image import (
+    OUTPUT_TYPES,
+    PromptBatch,
+    QwenImageRolloutMixin,
+    QwenImageRolloutOutput,
+    QwenImageTokenIdPrompts,
+    check_rollout_scales,
+    sde_scheduler,
+)
 from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
-from .common import OUTPUT_TYPES, _check_rollout_scales, sde_scheduler
-from .rollout import QwenImageRolloutMixin, QwenImageRolloutOutput, QwenImageTokenIdPrompts
+from .diffusers_training_adapter import QwenImage
 
 __all__ = ["DiffusersQwenImagePipelineWithLogProb", "QwenImagePipelineWithLogProb"]
 
@@ -35,6 +43,8 @@ class DiffusersQwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImageToke
     """
 
     _optional_components = ["vae", "text_encoder", "tokenizer"]
+    training_adapter = QwenImage
+    algorithm = "flow_grpo"
 
     def __init__(
         self,
@@ -137,35 +147,16 @@ class DiffusersQwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImageToke
             QwenImageRolloutOutput: images plus ``all_latents``, ``all_log_probs``, ``all_timesteps``,
             the prompt embeddings and masks, and the SDE window.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if output_type != "latent" and self.vae is None:
-            raise ValueError(f"output_type={output_type!r} needs a `vae`; this pipeline has none (use 'latent')")
-        _check_rollout_scales(true_cfg_scale, guidance_scale, noise_level, sde_type)
+        self._begin_forward(output_type, attention_kwargs, true_cfg_scale, guidance_scale, noise_level, sde_type)
         height = self.default_sample_size * self.vae_scale_factor if height is None else height
         width = self.default_sample_size * self.vae_scale_factor if width is None else width
-        self._attention_kwargs = attention_kwargs or {}
-        self._current_timestep = None
-        self._interrupt = False
-
-        prompt_embeds, prompt_embeds_mask = self.encode_prompt_ids(
-            prompt_token_ids, prompt_mask, prompt_embeds, prompt_embeds_mask,
-            num_images_per_prompt, max_sequence_length, name="prompt",
+        prompts = self._forward_prompts(
+            (prompt_token_ids, prompt_mask, prompt_embeds, prompt_embeds_mask),
+            (negative_prompt_ids, negative_prompt_mask, negative_prompt_embeds, negative_prompt_embeds_mask),
+            true_cfg_scale, num_images_per_prompt, max_sequence_length,
         )  # fmt: skip
-        do_true_cfg = self._do_true_cfg(true_cfg_scale, negative_prompt_ids, negative_prompt_embeds)
-        if do_true_cfg:
-            negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt_ids(
-                negative_prompt_ids, negative_prompt_mask, negative_prompt_embeds, negative_prompt_embeds_mask,
-                num_images_per_prompt, max_sequence_length, name="negative_prompt",
-            )  # fmt: skip
-        else:
-            negative_prompt_embeds = negative_prompt_embeds_mask = None
-
         latents, all_latents, all_log_probs, all_timesteps, sde_windows = self.rollout(
-            prompt_embeds,
-            prompt_embeds_mask,
-            negative_prompt_embeds,
-            negative_prompt_embeds_mask,
+            prompts,
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
@@ -187,15 +178,49 @@ class DiffusersQwenImagePipelineWithLogProb(QwenImageRolloutMixin, QwenImageToke
             all_latents=all_latents,
             all_log_probs=all_log_probs,
             all_timesteps=all_timesteps,
-            prompt_embeds=prompt_embeds,
-            prompt_embeds_mask=prompt_embeds_mask,
-            negative_prompt_embeds=negative_prompt_embeds,
-            negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+            **prompts.as_dict(),
             sde_window=sde_windows[0],
             sde_windows=sde_windows,
         )
 
-    # -- prompts ------------------------------------------------------------------------------------
+    # -- what every rollout forward does first --------------------------------------------------------
+
+    def _begin_forward(
+        self,
+        output_type: str,
+        attention_kwargs: dict[str, Any] | None,
+        true_cfg_scale: Any,
+        guidance_scale: Any,
+        noise_level: Any,
+        sde_type: str,
+    ) -> None:
+        """Check the output type and the rollout's scales; reset the per-call state (attention kwargs, interrupt)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type != "latent" and self.vae is None:
+            raise ValueError(f"output_type={output_type!r} needs a `vae`; this pipeline has none (use 'latent')")
+        check_rollout_scales(true_cfg_scale, guidance_scale, noise_level, sde_type)
+        self._attention_kwargs = attention_kwargs or {}
+        self._current_timestep = None
+        self._interrupt = False
+
+    def _forward_prompts(
+        self,
+        positive: tuple[Any, Any, Any, Any],
+        negative: tuple[Any, Any, Any, Any],
+        true_cfg_scale: float,
+        num_images_per_prompt: int,
+        max_sequence_length: int,
+    ) -> PromptBatch:
+        """The forward's :class:`PromptBatch`, each side given as ``(token_ids, token_mask, embeds, embeds_mask)``.
+
+        The negative side is encoded only when true CFG runs (:meth:`_do_true_cfg`).
+        """
+        repeats = (num_images_per_prompt, max_sequence_length)
+        embeds = self.encode_prompt_ids(*positive, *repeats, name="prompt")
+        if not self._do_true_cfg(true_cfg_scale, negative[0], negative[2]):
+            return PromptBatch(*embeds)
+        return PromptBatch(*embeds, *self.encode_prompt_ids(*negative, *repeats, name="negative_prompt"))
 
     @staticmethod
     def _do_true_cfg(true_cfg_scale: float, negative_prompt_ids: Any, negative_prompt_embeds: Any) -> bool:

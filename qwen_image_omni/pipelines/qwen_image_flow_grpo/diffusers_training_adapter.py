@@ -15,20 +15,20 @@ from ...models import QwenImageTransformer2DModel
 from ..checks import check_int
 from ..config import DiffusionModelConfig
 from ..model_base import DiffusionModelBase
+from ..qwen_image import (
+    QWEN_IMAGE_VAE_SCALE_FACTOR,
+    apply_true_cfg,
+    build_img_shapes,
+    check_sde_type,
+    load_qwen_image_scheduler,
+    micro_batch_value,
+    module_dtype,
+    select_step,
+    set_pipeline_timesteps,
+)
 from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
 from ..training_module import prepare_for_trainer
 from ..utils import default_device
-from .common import (
-    QWEN_IMAGE_VAE_SCALE_FACTOR,
-    _check_sde_type,
-    _micro_batch_value,
-    _module_dtype,
-    _select_step,
-    apply_true_cfg,
-    build_img_shapes,
-    load_qwen_image_scheduler,
-    set_pipeline_timesteps,
-)
 
 __all__ = ["QwenImage"]
 
@@ -135,9 +135,9 @@ class QwenImage(DiffusionModelBase):
             ``(model_inputs, negative_model_inputs)``; the second is None without negative embeddings.
         """
         step = check_int("`step`", step, 0)
-        hidden_states = _select_step(latents, step, 3, "latents")
-        timestep = _select_step(timesteps, step, 1, "timesteps")
-        dtype = _module_dtype(module)
+        hidden_states = select_step(latents, step, 3, "latents")
+        timestep = select_step(timesteps, step, 1, "timesteps")
+        dtype = module_dtype(module)
         if dtype is not None:
             hidden_states = hidden_states.to(dtype)
         common = {
@@ -255,7 +255,7 @@ class QwenImage(DiffusionModelBase):
         levels = noise_level if isinstance(noise_level, (list, tuple)) else [noise_level] * sample.shape[0]
         if len(levels) != sample.shape[0]:
             raise ValueError(f"`noise_level` must be one number or one per sample ({sample.shape[0]}), got {len(levels)}")
-        step = {"sde_type": _check_sde_type(sde_type), "return_logprobs": return_logprobs, "return_sqrt_dt": True}
+        step = {"sde_type": check_sde_type(sde_type), "return_logprobs": return_logprobs, "return_sqrt_dt": True}
         if len(set(levels)) == 1:
             return scheduler.sample_previous_step(
                 sample=sample.float(),
@@ -368,9 +368,9 @@ class QwenImage(DiffusionModelBase):
 
     @staticmethod
     def _img_shapes(model_config: DiffusionModelConfig, micro_batch: Any, hidden_states: torch.Tensor) -> list:
-        height = _micro_batch_value(micro_batch, "height")
-        width = _micro_batch_value(micro_batch, "width")
-        vae_scale_factor = _micro_batch_value(micro_batch, "vae_scale_factor")
+        height = micro_batch_value(micro_batch, "height")
+        width = micro_batch_value(micro_batch, "width")
+        vae_scale_factor = micro_batch_value(micro_batch, "vae_scale_factor")
         # `is None`, not `or`: a height of 0 in the micro-batch is an error, not "use the config's".
         height = model_config.pipeline.height if height is None else height
         width = model_config.pipeline.width if width is None else width

@@ -30,10 +30,10 @@ from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 from vllm_omni.diffusion.worker.utils import StepRequestState
 
 from ...integrations.vllm_omni.pipelines import QwenImagePipeline
+from ..qwen_image import PromptBatch, QwenImageRolloutMixin, QwenImageTokenIdPrompts, RolloutRun, sde_scheduler
 from ..request_batch import NEGATIVE_TOKEN_ID_KEYS, PROMPT_TOKEN_ID_KEYS, collate_token_ids
-from ..rollout_output import PROMPT_EMBEDDING_KEYS, per_request_rollouts
-from .common import sde_scheduler
-from .rollout import QwenImageRolloutMixin, QwenImageTokenIdPrompts, RolloutRun
+from ..rollout_output import per_request_rollouts
+from .diffusers_training_adapter import QwenImage
 
 __all__ = [
     "ROLLOUT_OPTIONS",
@@ -43,6 +43,7 @@ __all__ = [
     "merge_micro_batches",
     "options_from_extra_args",
     "request_of_state",
+    "sampling_options",
 ]
 
 
@@ -108,6 +109,15 @@ def merge_micro_batches(micro_batches: Sequence[dict[str, Any]]) -> dict[str, An
     return merged
 
 
+SAMPLING_ARGUMENTS = ("num_inference_steps", "sigmas", "guidance_scale", "generator", "latents", "true_cfg_scale")
+"""The request arguments (``request_arguments``) that a rollout's ``start_rollout`` takes as they are."""
+
+
+def sampling_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`SAMPLING_ARGUMENTS` of a request batch's ``arguments``, for ``start_rollout``."""
+    return {name: arguments[name] for name in SAMPLING_ARGUMENTS}
+
+
 def _prediction_key(run: RolloutRun) -> tuple:
     """What requests must share to be predicted in one forward: the step config and the micro-batch layout."""
     pipeline = run.model_config.pipeline
@@ -123,7 +133,7 @@ def _prediction_key(run: RolloutRun) -> tuple:
         pipeline.width,
         pipeline.true_cfg_scale,
         pipeline.guidance_scale,
-        run.negative_prompt[0] is not None,
+        run.prompts.do_true_cfg,
         layout,
     )
 
@@ -198,10 +208,10 @@ class VllmOmniStepRolloutMixin:
         # Requests in flight may run other schedules (steps, image size): each steps with its own copy.
         run.scheduler = copy.deepcopy(run.scheduler)
         state.extra[STEP_ROLLOUT_KEY] = _StepRollout(request, run)
-        state.prompt_embeds, state.negative_prompt_embeds = run.prompt[0], run.negative_prompt[0]
-        state.prompt_embeds_mask = _runner_mask(*run.prompt)
-        state.negative_prompt_embeds_mask = _runner_mask(*run.negative_prompt)
-        state.do_true_cfg = run.negative_prompt[0] is not None
+        state.prompt_embeds, state.negative_prompt_embeds = run.prompts.prompt_embeds, run.prompts.negative_prompt_embeds
+        state.prompt_embeds_mask = _runner_mask(*run.prompts.positive)
+        state.negative_prompt_embeds_mask = _runner_mask(*run.prompts.negative)
+        state.do_true_cfg = run.prompts.do_true_cfg
         state.latents = run.latents
         state.timesteps = run.timesteps
         state.step_index = run.step_index
@@ -257,20 +267,18 @@ class VllmOmniStepRolloutMixin:
     def _predict_rows(self, input_batch: InputBatch, runs: list[RolloutRun], rows: torch.Tensor) -> torch.Tensor:
         """``rollout_prediction`` on ``rows`` of the batch, the rows of ``runs`` (one step config)."""
         prompt_embeds = input_batch.prompt_embeds[rows]
-        width = prompt_embeds.shape[1]
-        prompt = (prompt_embeds, torch.cat([_fit_mask(*run.prompt, width) for run in runs]))
-        negative_prompt = (None, None)
-        if runs[0].negative_prompt[0] is not None:
+        prompt_mask = torch.cat([_fit_mask(*run.prompts.positive, prompt_embeds.shape[1]) for run in runs])
+        negative_embeds = negative_mask = None
+        if runs[0].prompts.do_true_cfg:
             negative_embeds = input_batch.negative_prompt_embeds[rows]
             width = negative_embeds.shape[1]
-            negative_prompt = (negative_embeds, torch.cat([_fit_mask(*run.negative_prompt, width) for run in runs]))
+            negative_mask = torch.cat([_fit_mask(*run.prompts.negative, width) for run in runs])
         return self.rollout_prediction(
             runs[0].model_config,
             merge_micro_batches([run.micro_batch for run in runs]),
             input_batch.latents[rows],
             input_batch.timesteps[rows].float(),
-            prompt,
-            negative_prompt,
+            PromptBatch(prompt_embeds, prompt_mask, negative_embeds, negative_mask),
         )
 
     @torch.no_grad()
@@ -309,6 +317,8 @@ class QwenImagePipelineWithLogProb(
     """
 
     supports_request_batch = True  # verl-omni's flag: forward takes a packed DiffusionRequestBatch
+    training_adapter = QwenImage
+    algorithm = "flow_grpo"
     hands_engines_to_vllm_omni = False  # vllm-omni has no rollout pipeline with log-probs to hand over to
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
@@ -356,18 +366,9 @@ class QwenImagePipelineWithLogProb(
         self._interrupt = False
         prompts = self.rollout_prompts(req, arguments)
         run = self.start_rollout(
-            *prompts,
-            height=arguments["height"],
-            width=arguments["width"],
-            num_inference_steps=arguments["num_inference_steps"],
-            sigmas=arguments["sigmas"],
-            guidance_scale=arguments["guidance_scale"],
-            generator=arguments["generator"],
-            latents=arguments["latents"],
-            true_cfg_scale=arguments["true_cfg_scale"],
-            **options,
+            prompts, height=arguments["height"], width=arguments["width"], **sampling_options(arguments), **options
         )
-        run.context.update(arguments=arguments, prompt_embeddings=dict(zip(PROMPT_EMBEDDING_KEYS, prompts)))
+        run.context.update(arguments=arguments, prompt_embeddings=prompts.as_dict())
         return run
 
     def request_outputs(
@@ -397,8 +398,8 @@ class QwenImagePipelineWithLogProb(
 
     def rollout_prompts(
         self, req: DiffusionRequestBatch, arguments: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The batch's prompt embeddings and masks (negatives ``None`` without true CFG).
+    ) -> PromptBatch:
+        """The batch's prompt embeddings and masks (no negative pair without true CFG).
 
         Requests carry templated token ids (verl-omni's ``prompt_token_ids`` / ``prompt_mask`` /
         ``negative_prompt_ids``: :meth:`encode_prompt_ids`), precomputed embeddings, or text
@@ -416,8 +417,8 @@ class QwenImagePipelineWithLogProb(
                 negative = self.encode_prompt_ids(
                     negative_ids, negative_mask, None, None, per_prompt, max_length, "negative_prompt"
                 )
-                return embeds, mask, *negative
-            return embeds, mask, None, None
+                return PromptBatch(embeds, mask, *negative)
+            return PromptBatch(embeds, mask)
         self.check_inputs(
             arguments["prompt"], arguments["height"], arguments["width"], arguments["negative_prompt"],
             arguments["prompt_embeds"], arguments["negative_prompt_embeds"], arguments["prompt_embeds_mask"],
@@ -432,7 +433,7 @@ class QwenImagePipelineWithLogProb(
         )
         has_negative = arguments["negative_prompt"] is not None or arguments["negative_prompt_embeds"] is not None
         if not (has_negative and use_cfg):
-            return embeds, mask, None, None
+            return PromptBatch(embeds, mask)
         negative = self.encode_prompt(
             prompt=arguments["negative_prompt"],
             prompt_embeds=arguments["negative_prompt_embeds"],
@@ -441,7 +442,7 @@ class QwenImagePipelineWithLogProb(
             max_sequence_length=max_length,
             prompt_name="negative_prompt",
         )
-        return embeds, mask, *negative
+        return PromptBatch(embeds, mask, *negative)
 
     def rollout_rl(self, run: RolloutRun) -> dict[str, Any] | None:
         """The algorithm's own tensors for ``metadata["rl"]`` (FlowGRPO: none); algorithms override it.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..qwen_image import QwenImageRolloutOutput
 from ..qwen_image_flow_grpo.diffusers_rollout_pipeline import DiffusersQwenImagePipelineWithLogProb
-from ..qwen_image_flow_grpo.rollout import QwenImageRolloutOutput
 from .diffusers_training_adapter import QwenImageMixGRPO, pin_sde_window_range
 
 __all__ = ["DiffusersQwenImageMixGRPOPipelineWithLogProb", "QwenImageMixGRPOPipelineWithLogProb"]

@@ -24,7 +24,7 @@ from typing import Any
 from ..checks import check_int
 from ..config import DiffusionModelConfig
 from ..model_base import DiffusionModelBase
-from ..qwen_image_flow_grpo.common import check_sde_window, full_sde_window
+from ..qwen_image import check_sde_window, full_sde_window
 from ..qwen_image_flow_grpo.diffusers_training_adapter import QwenImage
 
 __all__ = [

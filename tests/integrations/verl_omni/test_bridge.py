@@ -39,7 +39,7 @@ from vllm_omni.diffusion.output_formatter import (  # noqa: E402
 from qwen_image_omni import QwenImageTransformer2DModel  # noqa: E402
 from qwen_image_omni.pipelines import DiffusionModelBase, DiffusionModelConfig, VllmOmniPipelineBase  # noqa: E402
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImage  # noqa: E402
-from qwen_image_omni.pipelines.qwen_image_flow_grpo.common import QWEN_IMAGE_VAE_SCALE_FACTOR  # noqa: E402
+from qwen_image_omni.pipelines.qwen_image import QWEN_IMAGE_VAE_SCALE_FACTOR  # noqa: E402
 from qwen_image_omni.pipelines.rollout_output import envelope_media  # noqa: E402
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler  # noqa: E402
 
