@@ -308,8 +308,20 @@ class QwenImageRolloutMixin:
             raise ValueError(
                 f"`latents` must have shape {expected} (batch, image tokens, in_channels), got {tuple(latents.shape)}"
             )
+        return self._prepare_noise(batch_size, in_channels // 4, geometry, device, generator, latents)
+
+    def _prepare_noise(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        geometry: ImageGeometry,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The host's ``prepare_latents`` in float32 (a host whose ``prepare_latents`` differs overrides this)."""
         return self.prepare_latents(
-            batch_size, in_channels // 4, geometry.height, geometry.width, torch.float32, device, generator, latents
+            batch_size, num_channels_latents, geometry.height, geometry.width, torch.float32, device, generator, latents
         )
 
     def _step_config(

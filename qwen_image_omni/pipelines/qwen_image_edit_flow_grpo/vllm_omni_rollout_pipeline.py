@@ -36,7 +36,15 @@ from vllm_omni.diffusion.utils.size_utils import normalize_min_aligned_size
 from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
 
 from ...integrations.vllm_omni.pipelines import QwenImageEditPlusPipeline
-from ..qwen_image import OUTPUT_TYPES, PromptBatch, QwenImageRolloutMixin, RolloutRun, latent_grid, sde_scheduler
+from ..qwen_image import (
+    OUTPUT_TYPES,
+    ImageGeometry,
+    PromptBatch,
+    QwenImageRolloutMixin,
+    RolloutRun,
+    latent_grid,
+    sde_scheduler,
+)
 from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import (
     QwenImagePipelineWithLogProb,
     VllmOmniStepRolloutMixin,
@@ -393,26 +401,20 @@ class QwenImageEditPlusPipelineWithLogProb(
 
     # -- latents and images ---------------------------------------------------------------------------
 
-    def _initial_latents(
+    def _prepare_noise(
         self,
         batch_size: int,
-        height: int,
-        width: int,
+        num_channels_latents: int,
+        geometry: ImageGeometry,
         device: torch.device,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
     ) -> torch.Tensor:
         """Packed float32 target noise ``(B, S, C)`` from vllm-omni's Edit-Plus ``prepare_latents`` (no condition image)."""
-        rows, cols = latent_grid(height, width, self.vae_scale_factor)
-        in_channels = self.transformer.config.in_channels
-        expected = (batch_size, rows * cols, in_channels)
-        if latents is not None and tuple(latents.shape) != expected:
-            raise ValueError(
-                f"`latents` must have shape {expected} (batch, image tokens, in_channels), got {tuple(latents.shape)}"
-            )
         noise, _ = self.prepare_latents(
-            None, batch_size, in_channels // 4, height, width, torch.float32, device, generator, latents
-        )
+            None, batch_size, num_channels_latents, geometry.height, geometry.width, torch.float32, device, generator,
+            latents,
+        )  # fmt: skip
         return noise
 
     def _decode_edit(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> torch.Tensor:
