@@ -34,7 +34,12 @@ from qwen_image_omni import QwenImageTransformer2DModel
 from qwen_image_omni.check.legacy import legacy_rope_per_call
 from qwen_image_omni.check.sources import TINY_CONFIG, tiny_source
 from qwen_image_omni.pipelines.config import DiffusionModelConfig
-from qwen_image_omni.pipelines.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, PromptBatch, recompute_log_probs
+from qwen_image_omni.pipelines.qwen_image import (
+    QWEN_IMAGE_SCHEDULER_CONFIG,
+    ImageGeometry,
+    PromptBatch,
+    recompute_log_probs,
+)
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import DiffusersQwenImagePipelineWithLogProb
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
 
@@ -102,7 +107,7 @@ def measure(pipe, rows, rule, sde_type, cfg_scale, width, layout, seeds):
     """Return ``(rollout, trainer)`` log-probs ``(seeds * B, W)`` for one configuration."""
     rollout_prompts = collate_pair(rows, width, layout, cfg_scale)
     config = model_config(sde_type, cfg_scale)
-    micro_batch = {"height": HEIGHT, "width": WIDTH, "vae_scale_factor": pipe.vae_scale_factor}
+    micro_batch = ImageGeometry(HEIGHT, WIDTH, pipe.vae_scale_factor).micro_batch()
     rollouts, trainers = [], []
     for seed in range(seeds):
         if rule == "legacy":

@@ -17,7 +17,12 @@ from torch import nn
 
 from qwen_image_omni.check.legacy import legacy_rope_per_call  # noqa: F401 (the tests' name for it)
 from qwen_image_omni.pipelines.config import DiffusionModelConfig
-from qwen_image_omni.pipelines.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, PromptBatch, pad_prompt_rows
+from qwen_image_omni.pipelines.qwen_image import (
+    QWEN_IMAGE_SCHEDULER_CONFIG,
+    ImageGeometry,
+    PromptBatch,
+    pad_prompt_rows,
+)
 from qwen_image_omni.pipelines.qwen_image import recompute_log_probs as package_recompute_log_probs
 from qwen_image_omni.pipelines.qwen_image_flow_grpo import QwenImagePipelineWithLogProb
 from qwen_image_omni.pipelines.schedulers import FlowMatchSDEDiscreteScheduler
@@ -28,7 +33,7 @@ IMAGE_TOKENS = 16
 STEPS = 4
 PROMPT_LENGTHS = (37, 30)  # valid tokens of the positive prompt, per sample
 NEGATIVE_LENGTHS = (5, 3)  # valid tokens of the negative prompt, per sample
-MICRO_BATCH = {"height": HEIGHT, "width": WIDTH, "vae_scale_factor": 8}  # the trainer's image entries
+MICRO_BATCH = ImageGeometry(HEIGHT, WIDTH).micro_batch()  # the trainer's image entries
 
 
 @dataclass

@@ -27,8 +27,7 @@ def build_img_shapes(
     height: int, width: int, batch_size: int, vae_scale_factor: int = QWEN_IMAGE_VAE_SCALE_FACTOR
 ) -> list[list[tuple[int, int, int]]]:
     """``img_shapes`` for the transformer: ``[[(1, rows, cols)]] * batch_size``, as diffusers' pipeline builds it."""
-    rows, cols = latent_grid(height, width, vae_scale_factor)
-    return [[(1, rows, cols)]] * check_int("`batch_size`", batch_size, 1)
+    return ImageGeometry(height, width, vae_scale_factor).img_shapes(batch_size)
 
 
 @dataclass(frozen=True)

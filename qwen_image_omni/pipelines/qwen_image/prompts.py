@@ -37,12 +37,12 @@ class PromptBatch:
     negative_prompt_embeds_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        _check_pair("prompt_embeds", self.prompt_embeds, self.prompt_embeds_mask)
+        check_prompt_pair("prompt_embeds", self.prompt_embeds, self.prompt_embeds_mask)
         if self.negative_prompt_embeds is None:
             if self.negative_prompt_embeds_mask is not None:
                 raise ValueError("`negative_prompt_embeds_mask` is given without `negative_prompt_embeds`")
             return
-        _check_pair("negative_prompt_embeds", self.negative_prompt_embeds, self.negative_prompt_embeds_mask)
+        check_prompt_pair("negative_prompt_embeds", self.negative_prompt_embeds, self.negative_prompt_embeds_mask)
         batch_size, negatives = self.batch_size, self.negative_prompt_embeds.shape[0]
         if negatives == batch_size:
             return
@@ -86,10 +86,6 @@ class PromptBatch:
         """``(negative_prompt_embeds, negative_prompt_embeds_mask)``, ``(None, None)`` without true CFG."""
         return self.negative_prompt_embeds, self.negative_prompt_embeds_mask
 
-    def without_negative(self) -> PromptBatch:
-        """The positive pair alone (true CFG off)."""
-        return PromptBatch(self.prompt_embeds, self.prompt_embeds_mask)
-
     def as_dict(self) -> dict[str, Any]:
         """The four tensors under their names (``metadata["prompt_embeddings"]`` of a rollout's envelope)."""
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -127,7 +123,8 @@ def pad_prompt_rows(
     return embeds, mask
 
 
-def _check_pair(name: str, embeds: Any, mask: Any) -> None:
+def check_prompt_pair(name: str, embeds: Any, mask: Any) -> None:
+    """``embeds`` a ``(B, L, D)`` tensor and ``mask`` None or ``(B, L)``; errors name ``name`` / ``name_mask``."""
     if not isinstance(embeds, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(embeds).__name__}")
     if embeds.ndim != 3:

@@ -117,9 +117,9 @@ class RolloutRun:
         timesteps: ``(N,)`` the schedule (``scheduler.timesteps`` after ``set_timesteps``).
         windows: one ``(start, end)`` SDE window per sample.
         prompts: the prompt batch the steps read (its negative pair only with true CFG).
-        geometry: the target image's size.
-        model_config: the config the trainer would hold (what the step functions read), built once.
-        micro_batch: the trainer's micro-batch for the steps (image metadata, condition).
+        model_config: the config the trainer would hold (what the step functions read), built once
+            from the image size.
+        micro_batch: the trainer's micro-batch for the steps (image size entries, condition).
         noise_level: SDE noise level inside the windows.
         sde_type: ``"sde"``, ``"cps"`` or ``"dance_sde"``.
         generator: the noise generator, or one per sample.
@@ -133,7 +133,6 @@ class RolloutRun:
     timesteps: torch.Tensor
     windows: list[tuple[int, int]]
     prompts: PromptBatch
-    geometry: ImageGeometry
     model_config: DiffusionModelConfig
     micro_batch: dict[str, Any]
     noise_level: float
@@ -283,7 +282,6 @@ class QwenImageRolloutMixin:
             timesteps=timesteps,
             windows=windows,
             prompts=prompts,
-            geometry=geometry,
             model_config=self._step_config(geometry, len(timesteps), guidance, cfg_scale),
             micro_batch={**geometry.micro_batch(), **(condition or {})},
             noise_level=noise_level,

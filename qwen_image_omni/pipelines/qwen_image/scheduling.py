@@ -12,7 +12,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from ..checks import check_int
 from ..schedulers.flow_match_sde import FlowMatchSDEDiscreteScheduler
-from .geometry import QWEN_IMAGE_VAE_SCALE_FACTOR, latent_grid
+from .geometry import QWEN_IMAGE_VAE_SCALE_FACTOR, ImageGeometry
 
 T = TypeVar("T")
 
@@ -85,8 +85,8 @@ def load_qwen_image_scheduler(scheduler_cls: type[T], local_path: str | None) ->
 def set_pipeline_timesteps(scheduler: Any, pipeline: Any, device: str | torch.device | None) -> torch.Tensor:
     """Qwen-Image's schedule for a pipeline config (``height``, ``width``, ``num_inference_steps``):
     :func:`set_qwen_image_timesteps` with the image's packed latent size."""
-    rows, cols = latent_grid(pipeline.height, pipeline.width, QWEN_IMAGE_VAE_SCALE_FACTOR)
-    return set_qwen_image_timesteps(scheduler, pipeline.num_inference_steps, rows * cols, device)
+    image_seq_len = ImageGeometry(pipeline.height, pipeline.width, QWEN_IMAGE_VAE_SCALE_FACTOR).image_seq_len
+    return set_qwen_image_timesteps(scheduler, pipeline.num_inference_steps, image_seq_len, device)
 
 
 def sde_scheduler(scheduler: Any) -> FlowMatchSDEDiscreteScheduler:

@@ -85,27 +85,6 @@ def sample_sde_windows(
     return [sample_sde_window(sde_window_size, sde_window_range, num_steps, generator)] * batch_size
 
 
-def check_sde_windows(
-    sde_window: tuple[int, int] | list[tuple[int, int]], num_steps: int, batch_size: int
-) -> list[tuple[int, int]]:
-    """One ``(start, end)`` per sample from a shared window or a per-sample list; all of one size.
-
-    Raises:
-        ValueError: a window out of range, a list whose length is not ``batch_size``, or windows of
-            different sizes (the trajectories are stacked into one ``(B, W + 1, ...)`` tensor).
-    """
-    if isinstance(sde_window, tuple) or (
-        isinstance(sde_window, list) and len(sde_window) == 2 and all(isinstance(v, int) for v in sde_window)
-    ):
-        return [check_sde_window(sde_window, num_steps)] * batch_size
-    if not isinstance(sde_window, list) or len(sde_window) != batch_size:
-        raise ValueError(f"`sde_window` must be one (start, end) pair or a list of {batch_size}, got {sde_window!r}")
-    windows = [check_sde_window(window, num_steps) for window in sde_window]
-    if len({end - start for start, end in windows}) != 1:
-        raise ValueError(f"per-sample SDE windows must all have one size, got {windows}")
-    return windows
-
-
 def _check_window_range(sde_window_range: tuple[int, int], size: int, num_steps: int) -> tuple[int, int]:
     """``(low, high)`` with room for a window of ``size`` steps inside ``[0, num_steps)``."""
     if not isinstance(sde_window_range, (tuple, list)) or len(sde_window_range) != 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_int
+from .prompts import check_prompt_pair
 
 
 class QwenImageTokenIdPrompts:
@@ -44,15 +45,9 @@ class QwenImageTokenIdPrompts:
             if prompt_ids is None:
                 raise ValueError(f"pass `{name}_embeds` or token ids for the {name}, got neither")
             prompt_embeds, prompt_embeds_mask = self._embed_token_ids(prompt_ids, attention_mask, name)
-        if prompt_embeds.ndim != 3:
-            raise ValueError(f"`{name}_embeds` must be (batch, width, dim), got shape {tuple(prompt_embeds.shape)}")
+        check_prompt_pair(f"{name}_embeds", prompt_embeds, prompt_embeds_mask)
         if prompt_embeds_mask is None:
             prompt_embeds_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
-        if tuple(prompt_embeds_mask.shape) != tuple(prompt_embeds.shape[:2]):
-            raise ValueError(
-                f"`{name}_embeds_mask` must have shape {tuple(prompt_embeds.shape[:2])}, "
-                f"got {tuple(prompt_embeds_mask.shape)}"
-            )
         max_sequence_length = check_int("`max_sequence_length`", max_sequence_length, 1)
         prompt_embeds = prompt_embeds[:, :max_sequence_length]
         prompt_embeds_mask = prompt_embeds_mask[:, :max_sequence_length]

@@ -3,9 +3,9 @@
 :class:`QwenImageEditRolloutMixin` holds what the Edit rollout adds to
 :class:`~..qwen_image.rollout.QwenImageRolloutMixin`: checking and repeating the packed
 condition latents and their ``img_shapes`` (:meth:`~QwenImageEditRolloutMixin._condition_inputs`),
-and the loop's hooks (micro-batch, step config) that carry the condition to the trainer's own input
-path (:func:`qwen_image_omni.pipelines.utils.adapter_model_inputs`, which the shared loop calls) and
-:class:`~.diffusers_training_adapter.QwenImageEditPlusFlowGRPO`'s ``sample_previous_step``. The
+handed to the loop as the run's ``condition``, so that every step carries them to the trainer's own
+input path (:func:`qwen_image_omni.pipelines.utils.adapter_model_inputs`, which the shared loop calls)
+and :class:`~.diffusers_training_adapter.QwenImageEditPlusFlowGRPO`'s ``sample_previous_step``. The
 diffusers rollout pipeline and its vllm-omni twin both run :meth:`~QwenImageEditRolloutMixin.edit_rollout`.
 """
 

@@ -51,13 +51,11 @@ from ..qwen_image_flow_grpo.vllm_omni_rollout_pipeline import (
     sampling_options,
 )
 from ..request_batch import NEGATIVE_TOKEN_ID_KEYS, PROMPT_TOKEN_ID_KEYS, collate_token_ids
-from ..rollout_output import per_request_rollouts
+from ..rollout_output import PROMPT_EMBEDDING_KEYS, per_request_rollouts
 from .diffusers_training_adapter import CONDITION_LATENTS_KEY, IMG_SHAPES_KEY
 from .rollout import QwenImageEditRolloutMixin, is_shape
 
 __all__ = ["QwenImageEditPlusPipelineWithLogProb"]
-
-_EMBED_NAMES = ("prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask")
 
 
 def _pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +307,7 @@ class QwenImageEditPlusPipelineWithLogProb(
         use_cfg = arguments["true_cfg_scale"] > 1
         device = self.text_encoder.device
         token_ids, token_mask = collate_token_ids(req.prompts, PROMPT_TOKEN_ID_KEYS, device)
-        embeds = DiffusionRequestBatch.collate_prompt_field_map(req.prompts, dict.fromkeys(_EMBED_NAMES))
+        embeds = DiffusionRequestBatch.collate_prompt_field_map(req.prompts, dict.fromkeys(PROMPT_EMBEDDING_KEYS))
         if token_ids is not None:
             negative_ids, negative_mask = collate_token_ids(req.prompts, NEGATIVE_TOKEN_ID_KEYS, device)
             positive = self._encode_token_ids(token_ids, token_mask, condition_images, "prompt")

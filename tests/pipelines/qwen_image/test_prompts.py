@@ -49,7 +49,7 @@ def test_a_single_negative_row_is_repeated_for_every_sample():
     assert set(prompts.as_dict()) == {
         "prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"
     }  # fmt: skip
-    positive = prompts.without_negative()
+    positive = PromptBatch(prompts.prompt_embeds, prompts.prompt_embeds_mask)
     assert not positive.do_true_cfg and positive.negative == (None, None)
     assert positive.positive[0] is prompts.prompt_embeds
 
