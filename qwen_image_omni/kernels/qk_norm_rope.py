@@ -1,7 +1,8 @@
-"""The public op ``joint_qk_norm_rope``: argument checks, then the backend.
+"""The public ops ``joint_qk_norm_rope`` (Qwen-Image 1.x: two streams joined) and ``qk_norm_rope``
+(one stream, Qwen-Image 2.1): argument checks, then the backend.
 
 The backends (``torch_backend``, ``triton_backend``) assume valid arguments; what they compute is
-defined by ``reference.joint_qk_norm_rope_reference``.
+defined by ``reference``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import os
 import torch
 from torch import Tensor
 
-from .torch_backend import joint_qk_norm_rope_torch
+from .reference import result_dtype
+from .torch_backend import joint_qk_norm_rope_torch, qk_norm_rope_torch
 
-__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "joint_qk_norm_rope"]
+__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "joint_qk_norm_rope", "qk_norm_rope", "result_dtype"]
 
 BACKEND_ENV_VAR = "QWEN_IMAGE_OMNI_QK_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -36,7 +38,7 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _resolve_backend(backend: str, activations: tuple, weights: tuple) -> str:
+def _resolve_backend(backend: str, activations: dict, weights: dict, outs: dict) -> str:
     """Concrete backend for ``backend``.
 
     "auto" follows ``$QWEN_IMAGE_OMNI_QK_BACKEND`` when set; otherwise it picks Triton for CUDA
@@ -50,12 +52,12 @@ def _resolve_backend(backend: str, activations: tuple, weights: tuple) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"${BACKEND_ENV_VAR}: expected one of {BACKENDS}, got {forced!r}")
         backend = forced
-    device = activations[0].device
+    device = next(iter(activations.values())).device
     if backend == "auto":
         if device.type == "cuda" and _triton_importable():
             from .triton_backend import triton_supports
 
-            if triton_supports(*activations, weights) is None:
+            if triton_supports(activations, weights, outs) is None:
                 return "triton"
         return "torch"
     if backend == "triton":
@@ -67,7 +69,7 @@ def _resolve_backend(backend: str, activations: tuple, weights: tuple) -> str:
             )
         from .triton_backend import triton_supports
 
-        reason = triton_supports(*activations, weights)
+        reason = triton_supports(activations, weights, outs)
         if reason is not None:
             raise ValueError(f"backend='triton' does not support these inputs: {reason}; use backend='torch'")
     return backend
@@ -90,38 +92,44 @@ def _check_activation(name: str, t: object, seq_name: str) -> Tensor:
 
 def _check_eps(eps: object) -> None:
     """RMSNorm's epsilon must be a finite real number > 0: with eps <= 0 an all-zero row gives NaN."""
+    if torch.compiler.is_compiling():  # dynamo may trace eps as a symbolic float
+        return
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise ValueError(f"eps: expected a finite real number > 0, got {type(eps).__name__} {eps!r}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps: expected a finite real number > 0, got {eps!r}")
 
 
-def _validate(img_q, img_k, txt_q, txt_k, weights: dict, img_freqs, txt_freqs) -> None:
-    """Shape, dtype and device checks only (no syncs, no data-dependent branches)."""
-    acts = {
-        "img_q": _check_activation("img_q", img_q, "S_img"),
-        "img_k": _check_activation("img_k", img_k, "S_img"),
-        "txt_q": _check_activation("txt_q", txt_q, "S_txt"),
-        "txt_k": _check_activation("txt_k", txt_k, "S_txt"),
-    }
-    batch, s_img, heads, head_dim = img_q.shape
-    s_txt = txt_q.shape[1]
+def _check_stream(names: tuple[str, str], q: object, k: object, seq_name: str, like: Tensor | None) -> None:
+    """q and k of one stream: ``[B, S, H, D]`` each, B/H/D (and the device) as ``like`` (the first stream's q)."""
+    acts = dict(zip(names, (_check_activation(names[0], q, seq_name), _check_activation(names[1], k, seq_name))))
+    like = q if like is None else like
+    batch, _, heads, head_dim = like.shape
     if head_dim % 2:
-        raise ValueError(f"img_q: head dim D must be even for RoPE, got D={head_dim}")
+        raise ValueError(f"{names[0]}: head dim D must be even for RoPE, got D={head_dim}")
     for name, t in acts.items():
-        seq = s_img if name.startswith("img") else s_txt
-        expected = (batch, seq, heads, head_dim)
+        expected = (batch, q.shape[1], heads, head_dim)
         if tuple(t.shape) != expected:
             raise ValueError(
                 f"{name}: expected shape [B, S, H, D] = {list(expected)} "
-                f"(B, H, D from img_q, S from {name[:3]}_q), got {list(t.shape)}"
+                f"(B, H, D from the first q, S from {names[0]}), got {list(t.shape)}"
             )
-    for name, (freqs, seq) in {"img_freqs": (img_freqs, s_img), "txt_freqs": (txt_freqs, s_txt)}.items():
-        freqs = _check_tensor(name, freqs)
-        if freqs.dtype != torch.complex64:
-            raise ValueError(f"{name}: expected dtype complex64, got {freqs.dtype}")
-        if tuple(freqs.shape) != (seq, head_dim // 2):
-            raise ValueError(f"{name}: expected shape [S, D/2] = {[seq, head_dim // 2]}, got {list(freqs.shape)}")
+
+
+def _check_table(name: str, freqs: object, batch: int, seq: int, head_dim: int) -> None:
+    """A complex64 RoPE table: shared ``[S, D/2]`` or per sample ``[B, S, D/2]``."""
+    freqs = _check_tensor(name, freqs)
+    if freqs.dtype != torch.complex64:
+        raise ValueError(f"{name}: expected dtype complex64, got {freqs.dtype}")
+    shapes = ((seq, head_dim // 2), (batch, seq, head_dim // 2))
+    if tuple(freqs.shape) not in shapes:
+        raise ValueError(
+            f"{name}: expected shape [S, D/2] = {list(shapes[0])} (shared by the batch) or [B, S, D/2] = "
+            f"{list(shapes[1])} (one table per sample), got {list(freqs.shape)}"
+        )
+
+
+def _check_weights(weights: dict, head_dim: int) -> None:
     for name, w in weights.items():
         if w is None:
             continue
@@ -130,10 +138,32 @@ def _validate(img_q, img_k, txt_q, txt_k, weights: dict, img_freqs, txt_freqs) -
             raise ValueError(f"{name}: expected shape [D] = [{head_dim}] or None, got {list(w.shape)}")
         if w.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name}: expected dtype float32, float16 or bfloat16, got {w.dtype}")
-    tensors = {**acts, "img_freqs": img_freqs, "txt_freqs": txt_freqs, **weights}
+
+
+def _check_devices(tensors: dict, first: str) -> None:
+    device = tensors[first].device
     for name, t in tensors.items():
-        if t is not None and t.device != img_q.device:
-            raise ValueError(f"{name}: expected device {img_q.device} (the device of img_q), got {t.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected device {device} (the device of {first}), got {t.device}")
+
+
+def _check_out(out: object, q: Tensor, k: Tensor, weights: tuple) -> dict:
+    """``out``: None, or ``(out_q, out_k)`` shaped as q and k in the dtype the op gives."""
+    if out is None:
+        return {}
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError(f"out: expected None or a pair (out_q, out_k) of tensors, got {type(out).__name__}")
+    outs = {}
+    for name, o, x, w in zip(("out[0]", "out[1]"), out, (q, k), weights):
+        o = _check_tensor(name, o)
+        dtype = result_dtype(x.dtype, w)
+        if tuple(o.shape) != tuple(x.shape) or o.dtype != dtype:
+            raise ValueError(
+                f"{name}: expected a {dtype} tensor of shape {list(x.shape)} (the input's shape, the op's result "
+                f"dtype), got {o.dtype} {list(o.shape)}"
+            )
+        outs[name] = o
+    return outs
 
 
 def joint_qk_norm_rope(
@@ -158,7 +188,9 @@ def joint_qk_norm_rope(
         txt_q, txt_k: ``[B, S_txt, H, D]``.
         img_q_weight, img_k_weight, txt_q_weight, txt_k_weight: RMSNorm weights ``[D]``, or None
             for no norm on that tensor (RoPE still applies), like diffusers' ``if attn.norm_q is not None``.
-        img_freqs, txt_freqs: complex64 ``[S_img, D/2]`` / ``[S_txt, D/2]`` from the Qwen-Image RoPE module.
+        img_freqs, txt_freqs: complex64 ``[S_img, D/2]`` / ``[S_txt, D/2]`` from the Qwen-Image RoPE module,
+            shared by the batch, or ``[B, S_img, D/2]`` / ``[B, S_txt, D/2]``: one table per sample (each
+            sample then gets exactly what it gets alone with its own table).
         eps: RMSNorm epsilon, a finite real number > 0.
         backend: "auto", "torch" or "triton". "auto" follows ``$QWEN_IMAGE_OMNI_QK_BACKEND`` when set,
             else picks Triton for supported CUDA inputs and torch otherwise; an explicit name always wins.
@@ -178,11 +210,72 @@ def joint_qk_norm_rope(
         "txt_q_weight": txt_q_weight,
         "txt_k_weight": txt_k_weight,
     }
-    _validate(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs)
-    if not torch.compiler.is_compiling():  # dynamo may trace eps as a symbolic float
-        _check_eps(eps)
-    if _resolve_backend(backend, (img_q, img_k, txt_q, txt_k), tuple(weights.values())) == "triton":
+    _check_stream(("img_q", "img_k"), img_q, img_k, "S_img", None)
+    _check_stream(("txt_q", "txt_k"), txt_q, txt_k, "S_txt", img_q)
+    batch, s_img, _, head_dim = img_q.shape
+    _check_table("img_freqs", img_freqs, batch, s_img, head_dim)
+    _check_table("txt_freqs", txt_freqs, batch, txt_q.shape[1], head_dim)
+    _check_weights(weights, head_dim)
+    acts = {"img_q": img_q, "img_k": img_k, "txt_q": txt_q, "txt_k": txt_k}
+    _check_devices({**acts, "img_freqs": img_freqs, "txt_freqs": txt_freqs, **weights}, "img_q")
+    _check_eps(eps)
+    if _resolve_backend(backend, acts, weights, {}) == "triton":
         from .triton_backend import joint_qk_norm_rope_triton as implementation
     else:
         implementation = joint_qk_norm_rope_torch
     return implementation(img_q, img_k, txt_q, txt_k, **weights, img_freqs=img_freqs, txt_freqs=txt_freqs, eps=eps)
+
+
+def qk_norm_rope(
+    q: Tensor,
+    k: Tensor,
+    *,
+    q_weight: Tensor | None,
+    k_weight: Tensor | None,
+    freqs: Tensor,
+    eps: float = 1e-6,
+    out: tuple[Tensor, Tensor] | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm q/k per head and rotate them with a RoPE table: one token stream (Qwen-Image 2.1's layout).
+
+    The same numbers as :func:`joint_qk_norm_rope` gives one stream, without the concatenation.
+
+    Args:
+        q, k: ``[B, S, H, D]`` (any strides).
+        q_weight, k_weight: RMSNorm weights ``[D]``, or None for no norm on that tensor (RoPE still applies).
+        freqs: complex64 ``[S, D/2]`` shared by the batch, or ``[B, S, D/2]``, one table per sample
+            (Qwen-Image 2.1's frame/height/width tables are such tables).
+        eps: RMSNorm epsilon, a finite real number > 0.
+        out: None for fresh outputs, or ``(out_q, out_k)`` to write into: tensors of q's and k's shapes in
+            the result dtype; ``out=(q, k)`` works in place. Each output must be its input itself or not
+            overlap any input. Writing into ``out`` is for inference: it is refused when autograd records.
+        backend: as :func:`joint_qk_norm_rope`'s.
+
+    Returns:
+        ``(q_out, k_out)`` (``out`` itself when given), each ``[B, S, H, D]`` in the dtype diffusers'
+        RMSNorm -> ``apply_rotary_emb_qwen`` gives. Without ``out``: differentiable once with respect to
+        q, k and the weights.
+
+    Raises:
+        ValueError: bad shapes, dtypes, devices, eps, ``out`` or backend name, ``out`` under autograd, or a
+            forced "triton" that cannot run.
+    """
+    _check_stream(("q", "k"), q, k, "S", None)
+    batch, seq, _, head_dim = q.shape
+    _check_table("freqs", freqs, batch, seq, head_dim)
+    weights = {"q_weight": q_weight, "k_weight": k_weight}
+    _check_weights(weights, head_dim)
+    outs = _check_out(out, q, k, (q_weight, k_weight))
+    _check_devices({"q": q, "k": k, "freqs": freqs, **weights, **outs}, "q")
+    _check_eps(eps)
+    if outs and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, freqs, q_weight, k_weight)):
+        raise ValueError(
+            "out: writing into given buffers is for inference, but autograd is recording (an input requires "
+            "grad); call without out (fresh outputs, differentiable) or under torch.no_grad()"
+        )
+    if _resolve_backend(backend, {"q": q, "k": k}, weights, outs) == "triton":
+        from .triton_backend import qk_norm_rope_triton as implementation
+    else:
+        implementation = qk_norm_rope_torch
+    return implementation(q, k, q_weight=q_weight, k_weight=k_weight, freqs=freqs, eps=eps, out=out)

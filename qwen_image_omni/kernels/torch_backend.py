@@ -1,13 +1,14 @@
-"""Eager PyTorch backend of ``joint_qk_norm_rope``.
+"""Eager PyTorch backend of ``joint_qk_norm_rope`` and ``qk_norm_rope``.
 
-It reproduces, bit for bit where the op order allows, ``reference.joint_qk_norm_rope_reference``
-(diffusers' q/k RMSNorm -> ``apply_rotary_emb_qwen(use_real=False)`` -> ``cat([text, image], dim=1)``).
-Three paths compute the same numbers:
+It reproduces, bit for bit where the op order allows, ``reference`` (diffusers' q/k RMSNorm ->
+``apply_rotary_emb_qwen(use_real=False)``, then ``cat([text, image], dim=1)`` for the joint layout).
+Both layouts are a list of parts (an input, its weight and table, the output and first row it goes
+to), and three paths compute the same numbers:
 
-* ``_joint_fast``: no autograd, eager only. It writes straight into the preallocated joint output
-  and walks the tokens in chunks small enough that the intermediate passes stay in cache.
-* ``JointQKNormRopeFunction``: the eager training path, an ``autograd.Function`` whose forward is
-  ``_joint_fast`` (also saving the fp32 ``rstd``) and whose backward walks the same chunks, replaying
+* ``_norm_rope_fast``: no autograd, eager only. It writes straight into the preallocated (or given)
+  outputs and walks the tokens in chunks small enough that the intermediate passes stay in cache.
+* ``NormRopeFunction``: the eager training path, an ``autograd.Function`` whose forward is
+  ``_norm_rope_fast`` (also saving the fp32 ``rstd``) and whose backward walks the same chunks, replaying
   the rounding chain autograd follows through the reference's ops.
 * the reference itself, used under ``torch.compile`` (inductor fuses it by itself), under
   ``torch.func`` transforms and when the RoPE tables themselves need a gradient.
@@ -20,9 +21,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import joint_qk_norm_rope_reference
+from typing import NamedTuple
 
-__all__ = ["CPU_CHUNK_ELEMENTS_PER_THREAD", "JointQKNormRopeFunction", "chunk_rows", "joint_qk_norm_rope_torch"]
+from .reference import joint_qk_norm_rope_reference, qk_norm_rope_reference, result_dtype
+
+__all__ = [
+    "CPU_CHUNK_ELEMENTS_PER_THREAD",
+    "NormRopeFunction",
+    "chunk_rows",
+    "joint_qk_norm_rope_torch",
+    "qk_norm_rope_torch",
+]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -30,16 +39,6 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # buffers a chunk uses stay in cache while the ~7 forward / ~14 backward elementwise passes run over
 # them. Smaller chunks lose more to per-op overhead; the whole tensor would go through DRAM on every pass.
 CPU_CHUNK_ELEMENTS_PER_THREAD = 1 << 18
-
-
-def _norm_dtype(x_dtype: torch.dtype, weight: Tensor | None) -> torch.dtype:
-    """Dtype ``rms_norm`` (or its absence when ``weight`` is None) gives, kept by ``rope``."""
-    if weight is None:
-        return x_dtype
-    if weight.dtype in _HALF_DTYPES:
-        return weight.dtype
-    # x * rsqrt(fp32 variance) is fp32 for every allowed x dtype; fp32 * fp32 weight stays fp32.
-    return torch.promote_types(torch.float32, weight.dtype)
 
 
 def _complex_viewable(x: Tensor) -> bool:
@@ -78,7 +77,7 @@ def _norm_rope_chunk(
     ``rstd`` (``[n, H, 1]`` fp32) receives the RMSNorm's ``rsqrt(variance + eps)`` when given.
     """
     n = x.shape[0]
-    part_dtype = _norm_dtype(x.dtype, weight)
+    part_dtype = result_dtype(x.dtype, weight)
     # xf is x.float(); fp32 inputs are used in place (strided views are fine for the norm ops).
     xf = x if x.dtype == torch.float32 else buf.get("xf", n).copy_(x)
     if weight is None:
@@ -110,6 +109,11 @@ def _norm_rope_chunk(
     out.copy_(rotated)
 
 
+def _table_rows(freqs: Tensor, b: int, rows: slice) -> Tensor:
+    """Rows of a shared ``[S, D/2]`` or per-sample ``[B, S, D/2]`` table for sample ``b``."""
+    return freqs[b, rows] if freqs.dim() == 3 else freqs[rows]
+
+
 def _chunks(batch: int, seq: int, rows: int):
     """``(b, slice)`` over every sample and every run of at most ``rows`` tokens."""
     for b in range(batch):
@@ -123,7 +127,7 @@ def _norm_rope_into(
     """Write ``rope(rms_norm(x))`` into ``out`` (``[B, S, H, D]``) chunk by chunk, and ``rstd`` if given."""
     for b, rows in _chunks(*x.shape[:2], buf.rows):
         rstd_chunk = None if rstd is None else rstd[b, rows]
-        _norm_rope_chunk(out[b, rows], x[b, rows], weight, freqs[rows], eps, buf, rstd_chunk)
+        _norm_rope_chunk(out[b, rows], x[b, rows], weight, _table_rows(freqs, b, rows), eps, buf, rstd_chunk)
 
 
 def chunk_rows(x: Tensor, seq: int) -> int:
@@ -136,31 +140,53 @@ def chunk_rows(x: Tensor, seq: int) -> int:
     return max(1, CPU_CHUNK_ELEMENTS_PER_THREAD * torch.get_num_threads() // (x.shape[2] * x.shape[3]))
 
 
-def _joint_fast(img_q, img_k, txt_q, txt_k, weights, img_freqs, txt_freqs, eps, rstds=(None,) * 4):
-    """No-autograd path: fills slices of the preallocated joint outputs instead of cat.
+class _Part(NamedTuple):
+    """Where one input goes: its table, its output and the output row its first token lands on."""
 
-    ``rstds`` (one ``[B, S, H, 1]`` fp32 tensor or None per input, in argument order) receive the
-    RMSNorm ``rstd`` of the inputs that have a weight, for the backward.
+    table: int
+    output: int
+    row0: int
+
+
+def _parts(layout: str, inputs: tuple) -> tuple[_Part, ...]:
+    """Parts of ``layout``, in input order: "joint" (img_q, img_k, txt_q, txt_k; tables img, txt) or
+    "single" (q, k; one table)."""
+    if layout == "single":
+        return (_Part(0, 0, 0), _Part(0, 1, 0))
+    s_txt = inputs[2].shape[1]
+    return (_Part(0, 0, s_txt), _Part(0, 1, s_txt), _Part(1, 0, 0), _Part(1, 1, 0))
+
+
+def _new_outputs(layout: str, inputs: tuple, weights: tuple) -> list[Tensor]:
+    """Fresh outputs: ``[B, rows, H, D]`` in the promotion of their parts' dtypes (``torch.cat``'s rule)."""
+    outputs = []
+    for index in (0, 1):
+        mine = [(x, w, p) for x, w, p in zip(inputs, weights, _parts(layout, inputs)) if p.output == index]
+        rows = max(p.row0 + x.shape[1] for x, _, p in mine)
+        dtype = result_dtype(mine[0][0].dtype, mine[0][1])
+        for x, w, _ in mine[1:]:
+            dtype = torch.promote_types(dtype, result_dtype(x.dtype, w))
+        batch, _, heads, head_dim = mine[0][0].shape
+        outputs.append(torch.empty(batch, rows, heads, head_dim, dtype=dtype, device=mine[0][0].device))
+    return outputs
+
+
+def _norm_rope_fast(layout, inputs, weights, tables, eps, rstds=None, outputs=None):
+    """No-autograd path: fills the outputs (fresh, or ``outputs``) part by part instead of cat.
+
+    ``rstds`` (one ``[B, S, H, 1]`` fp32 tensor or None per input) receive the RMSNorm ``rstd`` of
+    the inputs that have a weight, for the backward.
     """
-    w_img_q, w_img_k, w_txt_q, w_txt_k = weights
-    r_img_q, r_img_k, r_txt_q, r_txt_k = rstds
-    batch, s_img, heads, head_dim = img_q.shape
-    s_txt = txt_q.shape[1]
-    buf = _Scratch(chunk_rows(img_q, s_img + s_txt), heads, head_dim, img_q.device)
+    outputs = _new_outputs(layout, inputs, weights) if outputs is None else list(outputs)
+    rstds = (None,) * len(inputs) if rstds is None else rstds
+    img_q = inputs[0]
+    buf = _Scratch(chunk_rows(img_q, outputs[0].shape[1]), *img_q.shape[2:], img_q.device)
     # Strided tables would send the complex multiply down PyTorch's scalar loop, which may contract
     # FMAs; its vectorized loop rounds each product as the reference does.
-    img_freqs, txt_freqs = img_freqs.contiguous(), txt_freqs.contiguous()
-    streams = (
-        ((txt_q, w_txt_q, r_txt_q), (img_q, w_img_q, r_img_q)),
-        ((txt_k, w_txt_k, r_txt_k), (img_k, w_img_k, r_img_k)),
-    )
-    outputs = []
-    for (txt, w_txt, r_txt), (img, w_img, r_img) in streams:
-        dtype = torch.promote_types(_norm_dtype(txt.dtype, w_txt), _norm_dtype(img.dtype, w_img))
-        joint = torch.empty(batch, s_txt + s_img, heads, head_dim, dtype=dtype, device=img.device)
-        _norm_rope_into(joint[:, :s_txt], txt, w_txt, txt_freqs, eps, buf, r_txt)
-        _norm_rope_into(joint[:, s_txt:], img, w_img, img_freqs, eps, buf, r_img)
-        outputs.append(joint)
+    tables = [t.contiguous() for t in tables]
+    for x, weight, rstd, part in zip(inputs, weights, rstds, _parts(layout, inputs)):
+        out = outputs[part.output][:, part.row0 : part.row0 + x.shape[1]]
+        _norm_rope_into(out, x, weight, tables[part.table], eps, buf, rstd)
     return outputs[0], outputs[1]
 
 
@@ -184,7 +210,7 @@ def _norm_rope_backward_chunk(
     ``x.float().pow(2).mean()``, each to x's dtype before they are summed in x's dtype.
     """
     n, _, head_dim = x.shape
-    part_dtype = _norm_dtype(x.dtype, weight)
+    part_dtype = result_dtype(x.dtype, weight)
     if grad.dtype != part_dtype:
         grad = buf.get("grad", n, part_dtype).copy_(grad)
     rotated = buf.get("rotated", n)
@@ -242,72 +268,85 @@ def _norm_rope_backward_into(grad_x, weight_grad, grad, x, weight, rstd, freqs_c
         rstd_chunk = None if rstd is None else rstd[b, rows]
         partials.append(
             _norm_rope_backward_chunk(
-                grad_x_chunk, weight_grad, grad[b, rows], x[b, rows], weight, rstd_chunk, freqs_conj[rows], buf
+                grad_x_chunk, weight_grad, grad[b, rows], x[b, rows], weight, rstd_chunk,
+                _table_rows(freqs_conj, b, rows), buf,
             )
         )
     return torch.stack(partials).sum(0) if weight_grad else None
 
 
-class JointQKNormRopeFunction(torch.autograd.Function):
-    """Eager autograd path: the chunked forward of ``_joint_fast`` and a chunked backward.
+class NormRopeFunction(torch.autograd.Function):
+    """Eager autograd path of both layouts: the chunked forward of ``_norm_rope_fast`` and a chunked backward.
 
-    The forward saves the inputs by reference and the fp32 ``rstd`` per (token, head) of each
-    normalised input; the backward walks the same cache-sized chunks, writes each input gradient
-    straight into its buffer and sums the chunks' fp32 weight-gradient partials in one reduction
-    (deterministic: no atomics, a fixed order). The gradients equal autograd through the reference
-    (see ``_norm_rope_backward_chunk``). The RoPE tables get no gradient (callers that need one use
-    the reference). Not twice differentiable: a backward with ``create_graph=True`` raises.
+    ``apply(layout, eps, *inputs, *weights, *tables)``. The forward saves the inputs by reference and
+    the fp32 ``rstd`` per (token, head) of each normalised input; the backward walks the same
+    cache-sized chunks, writes each input gradient straight into its buffer and sums the chunks' fp32
+    weight-gradient partials in one reduction (deterministic: no atomics, a fixed order). The gradients
+    equal autograd through the reference (see ``_norm_rope_backward_chunk``). The RoPE tables get no
+    gradient (callers that need one use the reference). Not twice differentiable: a backward with
+    ``create_graph=True`` raises.
     """
 
     @staticmethod
-    def forward(ctx, img_q, img_k, txt_q, txt_k, w_img_q, w_img_k, w_txt_q, w_txt_k, img_freqs, txt_freqs, eps):
-        """``_joint_fast``, keeping what the backward needs."""
-        inputs = (img_q, img_k, txt_q, txt_k)
-        weights = (w_img_q, w_img_k, w_txt_q, w_txt_k)
+    def forward(ctx, layout, eps, *tensors):
+        """``_norm_rope_fast``, keeping what the backward needs."""
+        n = 4 if layout == "joint" else 2
+        inputs, weights, tables = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         rstds = tuple(
             None if w is None else torch.empty(*x.shape[:3], 1, dtype=torch.float32, device=x.device)
             for x, w in zip(inputs, weights)
         )
-        joint_q, joint_k = _joint_fast(*inputs, weights, img_freqs, txt_freqs, eps, rstds)
-        ctx.save_for_backward(*inputs, *weights, img_freqs, txt_freqs, *rstds)
+        outputs = _norm_rope_fast(layout, inputs, weights, tables, eps, rstds)
+        ctx.layout, ctx.n = layout, n
+        ctx.save_for_backward(*tensors, *rstds)
         ctx.set_materialize_grads(False)
-        return joint_q, joint_k
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        """Gradients of the four inputs and weights (None where not needed); None for the tables and eps."""
+    def backward(ctx, *grad_outputs):
+        """Gradients of the inputs and weights (None where not needed); None for the layout, eps and tables."""
         if torch.is_grad_enabled():  # backward(create_graph=True): the ops below record no graph
             raise RuntimeError(
-                "joint_qk_norm_rope: the eager torch backend is not twice differentiable, so backward with "
+                "qk_norm_rope: the eager torch backend is not twice differentiable, so backward with "
                 "create_graph=True is not supported; for higher-order gradients call it under torch.func "
                 "transforms (e.g. torch.func.grad), which take the functional path"
             )
+        n = ctx.n
         saved = ctx.saved_tensors
-        inputs, weights, (img_freqs, txt_freqs), rstds = saved[:4], saved[4:8], saved[8:10], saved[10:]
-        img_q, _, txt_q, _ = inputs
-        _, s_img, heads, head_dim = img_q.shape
-        s_txt = txt_q.shape[1]
-        buf = _Scratch(chunk_rows(img_q, s_img + s_txt), heads, head_dim, img_q.device)
-        # The conjugate tables, materialised once and contiguous (see _joint_fast).
-        conj = {"img": img_freqs.contiguous().conj_physical(), "txt": txt_freqs.contiguous().conj_physical()}
-        grads = [None] * 11
-        for i, (x, weight, rstd) in enumerate(zip(inputs, weights, rstds)):
-            joint_grad = grad_q if i % 2 == 0 else grad_k
-            need_x = ctx.needs_input_grad[i]
-            need_w = weight is not None and ctx.needs_input_grad[4 + i]
-            if joint_grad is None or not (need_x or need_w):
+        inputs, weights, tables, rstds = saved[:n], saved[n : 2 * n], saved[2 * n : -n], saved[-n:]
+        img_q = inputs[0]
+        buf = _Scratch(chunk_rows(img_q, max(x.shape[1] for x in inputs)), *img_q.shape[2:], img_q.device)
+        # The conjugate tables, materialised once and contiguous (see _norm_rope_fast).
+        conj = [t.contiguous().conj_physical() for t in tables]
+        grads = [None] * (2 * n)
+        for i, (x, weight, rstd, part) in enumerate(zip(inputs, weights, rstds, _parts(ctx.layout, inputs))):
+            grad_out = grad_outputs[part.output]
+            need_x = ctx.needs_input_grad[2 + i]
+            need_w = weight is not None and ctx.needs_input_grad[2 + n + i]
+            if grad_out is None or not (need_x or need_w):
                 continue
-            stream = "img" if i < 2 else "txt"
-            grad = joint_grad[:, s_txt:] if stream == "img" else joint_grad[:, :s_txt]
+            grad = grad_out[:, part.row0 : part.row0 + x.shape[1]]
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-            grad_w = _norm_rope_backward_into(grad_x, need_w, grad, x, weight, rstd, conj[stream], buf)
+            grad_w = _norm_rope_backward_into(grad_x, need_w, grad, x, weight, rstd, conj[part.table], buf)
             grads[i] = grad_x
-            grads[4 + i] = None if grad_w is None else grad_w.to(weight.dtype)
-        return tuple(grads)
+            grads[n + i] = None if grad_w is None else grad_w.to(weight.dtype)
+        return (None, None, *grads, *(None,) * len(tables))
 
 
 def _needs_autograd(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _eager_path(layout: str, inputs: tuple, weights: tuple, tables: tuple, eps: float):
+    """The eager paths' result, or None where the reference must run (compile, torch.func, table gradients)."""
+    if torch.compiler.is_compiling():
+        return None
+    if not _needs_autograd((*inputs, *weights, *tables)):
+        return _norm_rope_fast(layout, inputs, weights, tables, eps)
+    # An autograd.Function without setup_context/vmap rules cannot run under torch.func transforms.
+    if any(t.requires_grad for t in tables) or torch._C._are_functorch_transforms_active():
+        return None
+    return NormRopeFunction.apply(layout, eps, *inputs, *weights, *tables)
 
 
 def joint_qk_norm_rope_torch(
@@ -326,19 +365,41 @@ def joint_qk_norm_rope_torch(
 ) -> tuple[Tensor, Tensor]:
     """Eager torch backend of ``joint_qk_norm_rope`` (inputs are assumed validated).
 
-    Without autograd: the chunked no-grad path. With autograd: ``JointQKNormRopeFunction``,
-    except under ``torch.compile``, under ``torch.func`` transforms or when a RoPE table needs a
-    gradient, which run ``joint_qk_norm_rope_reference`` itself. All give the reference's numbers.
+    Without autograd: the chunked no-grad path. With autograd: ``NormRopeFunction``, except under
+    ``torch.compile``, under ``torch.func`` transforms or when a RoPE table needs a gradient, which
+    run ``joint_qk_norm_rope_reference`` itself. All give the reference's numbers.
     """
-    acts = (img_q, img_k, txt_q, txt_k)
+    inputs = (img_q, img_k, txt_q, txt_k)
     weights = (img_q_weight, img_k_weight, txt_q_weight, txt_k_weight)
-    if not torch.compiler.is_compiling():
-        if not _needs_autograd((*acts, img_freqs, txt_freqs, *weights)):
-            return _joint_fast(*acts, weights, img_freqs, txt_freqs, eps)
-        # An autograd.Function without setup_context/vmap rules cannot run under torch.func transforms.
-        if not (img_freqs.requires_grad or txt_freqs.requires_grad or torch._C._are_functorch_transforms_active()):
-            return JointQKNormRopeFunction.apply(*acts, *weights, img_freqs, txt_freqs, eps)
+    result = _eager_path("joint", inputs, weights, (img_freqs, txt_freqs), eps)
+    if result is not None:
+        return result
     return joint_qk_norm_rope_reference(
-        *acts, img_q_weight=img_q_weight, img_k_weight=img_k_weight, txt_q_weight=txt_q_weight,
+        *inputs, img_q_weight=img_q_weight, img_k_weight=img_k_weight, txt_q_weight=txt_q_weight,
         txt_k_weight=txt_k_weight, img_freqs=img_freqs, txt_freqs=txt_freqs, eps=eps,
-    )
+    )  # fmt: skip
+
+
+def qk_norm_rope_torch(
+    q: Tensor,
+    k: Tensor,
+    *,
+    q_weight: Tensor | None,
+    k_weight: Tensor | None,
+    freqs: Tensor,
+    eps: float = 1e-6,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Eager torch backend of ``qk_norm_rope`` (inputs are assumed validated; ``out`` only without autograd).
+
+    The paths of :func:`joint_qk_norm_rope_torch`, for one stream; with ``out`` the results are written
+    there (in place when ``out`` is ``(q, k)``).
+    """
+    if out is not None and not torch.compiler.is_compiling():
+        return _norm_rope_fast("single", (q, k), (q_weight, k_weight), (freqs,), eps, outputs=out)
+    result = _eager_path("single", (q, k), (q_weight, k_weight), (freqs,), eps)
+    if result is None:
+        result = qk_norm_rope_reference(q, k, q_weight=q_weight, k_weight=k_weight, freqs=freqs, eps=eps)
+    if out is None:
+        return result
+    return out[0].copy_(result[0]), out[1].copy_(result[1])

@@ -39,8 +39,10 @@ VALIDATION_CASES = [
     (dict(img_q=torch.randn(1, 37, 3, 63)), r"img_q: head dim D must be even for RoPE, got D=63"),
     (dict(img_k=torch.randn(1, 37, 3, 64, dtype=torch.float64)),
      r"img_k: expected dtype float32, float16 or bfloat16, got torch.float64"),
-    (dict(img_freqs=torch.ones(36, 32, dtype=C64)), r"img_freqs: expected shape \[S, D/2\] = \[37, 32\], got \[36, 32\]"),
-    (dict(txt_freqs=torch.ones(13, 64, dtype=C64)), r"txt_freqs: expected shape \[S, D/2\] = \[13, 32\], got \[13, 64\]"),
+    (dict(img_freqs=torch.ones(36, 32, dtype=C64)), r"img_freqs: expected shape \[S, D/2\] = \[37, 32\] \(shared by the batch\) or \[B, S, D/2\] = \[1, 37, 32\] "
+     r"\(one table per sample\), got \[36, 32\]"),
+    (dict(img_freqs=torch.ones(2, 37, 32, dtype=C64)), r"img_freqs: expected shape .* got \[2, 37, 32\]"),
+    (dict(txt_freqs=torch.ones(13, 64, dtype=C64)), r"txt_freqs: expected shape \[S, D/2\] = \[13, 32\] .* got \[13, 64\]"),
     (dict(txt_freqs=torch.ones(13, 32)), r"txt_freqs: expected dtype complex64, got torch.float32"),
     (dict(img_k_weight=torch.ones(32)), r"img_k_weight: expected shape \[D\] = \[64\] or None, got \[32\]"),
     (dict(txt_q_weight=torch.ones(64, dtype=torch.int32)),

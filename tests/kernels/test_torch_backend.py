@@ -140,7 +140,7 @@ REQUIRES_GRAD = {
     "weights": WEIGHT_NAMES,
     "some": ("img_q", "txt_k", "img_k_weight"),  # mixed: a weight whose input needs none, and the reverse
 }
-FUNCTION_NODE = "JointQKNormRopeFunctionBackward"
+FUNCTION_NODE = "NormRopeFunctionBackward"
 
 
 def ulp(t: torch.Tensor) -> torch.Tensor:

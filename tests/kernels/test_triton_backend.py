@@ -109,8 +109,8 @@ def test_gpu_tiles_in_the_interpreter(dtype, monkeypatch):
     """The GPU launch plan: 8-head blocks of 24 heads, 8-token forward tiles, 4-token backward tiles
     walked 4 per program."""
     monkeypatch.setattr(triton_backend, "plan_tiles", functools.partial(triton_backend.plan_tiles, gpu=True))
-    assert triton_backend.plan_tiles(24, 64) == triton_backend.Tiles(block_t=8, block_h=8, bwd_block_t=4,
-                                                                     tiles_per_program=4, num_warps=4)
+    assert triton_backend.plan_tiles(24, 64) == triton_backend.Tiles(block_t=8, block_h=8, bwd_block_t=2,
+                                                                     num_warps=4, max_tiles_per_program=16)
     inputs = make_inputs(batch=1, s_img=21, s_txt=3, heads=24, head_dim=64, dtype=dtype, layout="fused")
     check_forward(inputs)
     check_gradients(inputs)
@@ -364,7 +364,7 @@ def test_kernels_compile_for_sm90_without_fma():
 
 # --------------------------------------------------------------------------- triton_supports
 def _supports(inputs):
-    return triton_supports(*(inputs[n] for n in NAMES), tuple(inputs[w] for w in WEIGHT_NAMES))
+    return triton_supports({n: inputs[n] for n in NAMES}, {w: inputs[w] for w in WEIGHT_NAMES})
 
 
 def test_triton_supports_reasons():
