@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_image_omni.kernels import BACKEND_ENV_VAR, joint_qk_norm_rope
+from qwen_image_omni.kernels import BACKEND_ENV_VAR, joint_qk_norm_rope, qk_norm_rope
 
-from tests.support.kernel_testing import NAMES, call, make_inputs
+from tests.support.kernel_testing import NAMES, call, call_single, make_inputs, make_stream_inputs, single_reference
 
 
 def ours(inputs, **kwargs):
@@ -58,6 +58,47 @@ VALIDATION_CASES = [
 def test_validation_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         ours(_bad(**changes))
+
+
+SINGLE_VALIDATION_CASES = [
+    (dict(q=torch.randn(2, 29, 3)), r"q: expected a 4-D tensor \[B, S, H, D\], got shape \(2, 29, 3\)"),
+    (dict(k=torch.randn(2, 28, 3, 64)), r"k: expected shape \[B, S, H, D\] = \[2, 29, 3, 64\].*got \[2, 28, 3, 64\]"),
+    (dict(freqs=torch.ones(3, 29, 32, dtype=C64)),
+     r"freqs: expected shape \[S, D/2\] = \[29, 32\] \(shared by the batch\) or \[B, S, D/2\] = \[2, 29, 32\]"),
+    (dict(k_weight=torch.ones(63)), r"k_weight: expected shape \[D\] = \[64\] or None, got \[63\]"),
+    (dict(out=torch.empty(2, 29, 3, 64)), r"out: expected None or a pair \(out_q, out_k\) of tensors, got Tensor"),
+    (dict(out=(torch.empty(2, 29, 3, 64), torch.empty(2, 29, 3, 64, dtype=torch.bfloat16))),
+     r"out\[1\]: expected a torch.float32 tensor of shape \[2, 29, 3, 64\] .*got torch.bfloat16 \[2, 29, 3, 64\]"),
+    (dict(out=(torch.empty(2, 29, 3, 64), torch.empty(2, 29, 3, 64, device="meta"))),
+     r"out\[1\]: expected device cpu \(the device of q\), got meta"),
+]
+
+
+@pytest.mark.parametrize("changes, message", SINGLE_VALIDATION_CASES,
+                         ids=[f"{i}-{m.split(':')[0]}" for i, (_, m) in enumerate(SINGLE_VALIDATION_CASES)])
+def test_single_stream_validation_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        call_single(qk_norm_rope, {**make_stream_inputs(), **changes})
+
+
+def test_single_stream_out_is_refused_under_autograd():
+    inputs = make_stream_inputs()
+    inputs["q_weight"].requires_grad_()
+    out = (torch.empty_like(inputs["q"]), torch.empty_like(inputs["k"]))
+    with pytest.raises(ValueError, match=r"out: writing into given buffers is for inference, but autograd is recording"):
+        call_single(qk_norm_rope, inputs, out=out)
+    with torch.no_grad():
+        got = call_single(qk_norm_rope, inputs, out=out)
+    for g, e in zip(got, single_reference(inputs)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_single_stream_backends_agree(backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    inputs = make_stream_inputs(per_sample=True)
+    for g, e in zip(call_single(qk_norm_rope, inputs, backend=backend), single_reference(inputs)):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

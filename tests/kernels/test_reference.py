@@ -1,7 +1,9 @@
-"""``joint_qk_norm_rope_reference`` against diffusers' own modules: where the backends' oracle meets diffusers.
+"""The references against diffusers' own modules: where the backends' oracle meets diffusers.
 
 Outputs and the gradients of the activations and weights are bit-exact; the RoPE tables' gradients
-are sums over batch and heads that the two take in different orders.
+are sums over batch and heads that the two take in different orders. Per-sample tables equal
+diffusers run sample by sample, each with its own table; the single-stream reference equals
+diffusers' ``RMSNorm`` + ``apply_rotary_emb_qwen`` (Qwen-Image 2.1's q/k sequence).
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from tests.support.kernel_testing import (
     EPS,
     NAMES,
     WEIGHT_NAMES,
+    SINGLE_NAMES,
     forward_backward,
     joint_grads,
     make_inputs,
+    make_stream_inputs,
+    per_sample_tables,
     reference,
+    single_reference,
     strided_leaves,
     with_leaves,
 )
@@ -77,5 +83,80 @@ def test_matches_diffusers_with_gradients(dtypes, layout, none_weights, shape):
     for name, g, e in zip(leaves, got, expected):
         if "freqs" in name:
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), msg=name)
+        else:
+            assert g.dtype == e.dtype and torch.equal(g, e), f"grad of {name} not bit-exact"
+
+
+def _sample(inputs, b):
+    """Sample ``b`` of a batch as a batch of one with a shared table (what diffusers takes)."""
+    return {n: None if t is None else t if n.endswith("weight") else t[b] if n.endswith("freqs") else t[b : b + 1]
+            for n, t in inputs.items()}
+
+
+def _per_sample_leaves(inputs, names):
+    """Leaves for the named tensors (contiguous copies), and ``inputs`` using them."""
+    leaves = {n: inputs[n].detach().contiguous().requires_grad_() for n in names if inputs[n] is not None}
+    return leaves, {**inputs, **leaves}
+
+
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16", "fp32-x_bf16-w"])
+@pytest.mark.parametrize("none_weights", [(), ("img_k_weight",)], ids=["norm", "img_k-none"])
+def test_per_sample_tables_match_diffusers_sample_by_sample(dtypes, none_weights):
+    dtype, weight_dtype = DTYPES[dtypes]
+    inputs = per_sample_tables(make_inputs(batch=3, s_img=11, s_txt=5, heads=2, head_dim=32, dtype=dtype,
+                                           weight_dtype=weight_dtype, none_weights=none_weights))
+    leaves, inputs = _per_sample_leaves(inputs, (*NAMES, *WEIGHT_NAMES))
+    grads = joint_grads(reference(inputs))
+    got_out, got = forward_backward(reference, inputs, leaves, grads)
+    samples = [diffusers_sequence(_sample(inputs, b)) for b in range(3)]
+    expected_out = [torch.cat([s[i] for s in samples]) for i in (0, 1)]
+    expected = torch.autograd.grad(expected_out, list(leaves.values()), grads, allow_unused=True)
+    for g, e in zip(got_out, expected_out):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+    for name, g, e in zip(leaves, got, expected):
+        if "weight" in name:  # summed over the batch: per sample then added here, in one sum there
+            _assert_weight_grad_close(g, e, name)
+        else:
+            assert g.dtype == e.dtype and torch.equal(g, e), f"grad of {name} not bit-exact"
+
+
+def _assert_weight_grad_close(g, e, name):
+    """A weight gradient summed in another order: within a few roundings of its dtype, relative to its max."""
+    tol = 1e-5 if g.dtype == torch.float32 else 2**-6
+    torch.testing.assert_close(g.float(), e.float(), rtol=tol, atol=tol * e.abs().max().item(), msg=name)
+
+
+def diffusers_single(inputs, eps=EPS):
+    """Qwen-Image 2.1's q/k sequence with diffusers' modules: RMSNorm, then ``apply_rotary_emb_qwen``."""
+    out = []
+    for name in SINGLE_NAMES:
+        x, weight = inputs[name], inputs[f"{name}_weight"]
+        if weight is not None:
+            x = torch.func.functional_call(RMSNorm(x.shape[-1], eps=eps), {"weight": weight}, (x,))
+        out.append(apply_rotary_emb_qwen(x, inputs["freqs"], use_real=False))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16", "bf16-x_fp32-w"])
+@pytest.mark.parametrize("none_weights", [(), ("k",)], ids=["norm", "k-none"])
+def test_single_stream_matches_diffusers(per_sample, dtypes, none_weights):
+    dtype, weight_dtype = DTYPES[dtypes]
+    inputs = make_stream_inputs(batch=2, seq=13, heads=3, head_dim=64, dtype=dtype, weight_dtype=weight_dtype,
+                                none_weights=none_weights, per_sample=per_sample)
+    leaves, inputs = _per_sample_leaves(inputs, ("q", "k", "q_weight", "k_weight"))
+    grads = joint_grads(single_reference(inputs))
+    got_out, got = forward_backward(single_reference, inputs, leaves, grads)
+    if per_sample:
+        samples = [diffusers_single({**_sample(inputs, b)}) for b in range(2)]
+        expected_out = [torch.cat([s[i] for s in samples]) for i in (0, 1)]
+    else:
+        expected_out = list(diffusers_single(inputs))
+    expected = torch.autograd.grad(expected_out, list(leaves.values()), grads, allow_unused=True)
+    for g, e in zip(got_out, expected_out):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+    for name, g, e in zip(leaves, got, expected):
+        if "weight" in name and per_sample:
+            _assert_weight_grad_close(g, e, name)
         else:
             assert g.dtype == e.dtype and torch.equal(g, e), f"grad of {name} not bit-exact"

@@ -14,17 +14,22 @@ import pytest
 import torch
 
 from qwen_image_omni.kernels import torch_backend
-from qwen_image_omni.kernels.torch_backend import joint_qk_norm_rope_torch
+from qwen_image_omni.kernels.torch_backend import joint_qk_norm_rope_torch, qk_norm_rope_torch
 
 from tests.support.kernel_testing import (
     NAMES,
     WEIGHT_NAMES,
     assert_matches,
     call,
+    call_single,
+    check_single_stream,
     forward_backward,
     joint_grads,
     make_inputs,
+    make_stream_inputs,
+    per_sample_tables,
     reference,
+    single_reference,
     strided_leaves,
     with_leaves,
 )
@@ -392,3 +397,41 @@ def test_compile_inductor_equals_eager():
         expected = ours(inputs)
     for g, r in zip(got, expected):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- per-sample tables, one stream
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("none_weights", [(), ("txt_k_weight",)], ids=["all-weights", "txt_k-none"])
+def test_per_sample_tables(dtype, none_weights, monkeypatch):
+    """Joint layout with a ``[B, S, D/2]`` table per stream: outputs and gradients, one chunk and 5-token chunks."""
+    inputs = per_sample_tables(make_inputs(batch=3, s_img=19, s_txt=7, dtype=dtype, none_weights=none_weights))
+    for got, ref in zip(fast_paths(inputs, monkeypatch), reference(inputs) * 2):
+        assert_matches(got, ref, min_exact=1.0)
+    check_gradients(inputs, REQUIRES_GRAD["all"], monkeypatch)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["unflatten", "fused", "odd"])
+def test_single_stream(per_sample, dtype, layout, monkeypatch):
+    inputs = make_stream_inputs(dtype=dtype, layout=layout, per_sample=per_sample, none_weights=("k",) * per_sample)
+    for rows in (None, 5):
+        with monkeypatch.context() as m:
+            if rows:
+                m.setattr(torch_backend, "chunk_rows", lambda x, seq, rows=rows: rows)
+            out = check_single_stream(qk_norm_rope_torch, inputs)
+        assert all(type(o.grad_fn).__name__ == FUNCTION_NODE for o in out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("where", ["buffers", "in-place"])
+def test_single_stream_out(dtype, where):
+    """``out=``: written into given buffers, or into q and k themselves; the same numbers as fresh outputs."""
+    inputs = make_stream_inputs(dtype=dtype, per_sample=True)
+    expected = single_reference(inputs)
+    q, k = inputs["q"].clone(), inputs["k"].clone()
+    out = (torch.empty_like(q), torch.empty_like(k)) if where == "buffers" else (q, k)
+    got = call_single(qk_norm_rope_torch, {**inputs, "q": q, "k": k}, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    for g, e in zip(out, expected):
+        assert_matches(g, e, min_exact=1.0)

@@ -11,6 +11,7 @@ inputs whose variance is exact in any order, every dtype is bit-exact.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import os
 import subprocess
@@ -21,9 +22,21 @@ import pytest
 import torch
 
 from qwen_image_omni.kernels import triton_backend
-from qwen_image_omni.kernels.triton_backend import joint_qk_norm_rope_triton, triton_supports
+from qwen_image_omni.kernels.triton_backend import joint_qk_norm_rope_triton, qk_norm_rope_triton, triton_supports
 
-from tests.support.kernel_testing import NAMES, WEIGHT_NAMES, call, make_inputs, reference, ulp_distance
+from tests.support.kernel_testing import (
+    NAMES,
+    WEIGHT_NAMES,
+    call,
+    call_single,
+    check_single_stream,
+    make_inputs,
+    make_stream_inputs,
+    per_sample_tables,
+    reference,
+    single_reference,
+    ulp_distance,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -263,6 +276,90 @@ def test_weight_only_requires_grad():
     (grad,) = torch.autograd.grad(q.sum(), inputs["txt_q_weight"])
     (expected,) = torch.autograd.grad(reference(inputs)[0].sum(), inputs["txt_q_weight"])
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- per-sample tables, one stream
+def _many_tiles_per_program(monkeypatch):
+    """Backward programs walk several token tiles even at test sizes (as long streams do on a GPU)."""
+    monkeypatch.setattr(triton_backend, "tiles_per_program",
+                        functools.partial(triton_backend.tiles_per_program, sms=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_per_sample_tables(dtype, monkeypatch):
+    """Joint layout, ``[B, S, D/2]`` tables: forward and gradients, GPU tiles walked several per program."""
+    monkeypatch.setattr(triton_backend, "plan_tiles", functools.partial(triton_backend.plan_tiles, gpu=True))
+    _many_tiles_per_program(monkeypatch)
+    inputs = per_sample_tables(make_inputs(batch=2, s_img=21, s_txt=3, heads=8, head_dim=64, dtype=dtype))
+    check_forward(inputs)
+    check_gradients(inputs)
+
+
+def _assert_input_grad_close(got, expected):
+    """fp32: 1e-5; halves: within GRAD_TOLERANCE of the largest element (the kernel rounds once, at the end)."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    scale = expected.abs().max().item() + 1e-30
+    tol = GRAD_TOLERANCE[got.dtype]
+    assert (got.float() - expected.float()).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_single_stream(per_sample, dtype, monkeypatch):
+    _many_tiles_per_program(monkeypatch)
+    inputs = make_stream_inputs(batch=2, seq=37, dtype=dtype, layout="fused", per_sample=per_sample,
+                                none_weights=("k",) * per_sample)
+    q, k = check_single_stream(qk_norm_rope_triton, inputs, assert_output=lambda o, e: assert_close_to(
+        o, e, MIN_EXACT[dtype]), assert_input_grad=_assert_input_grad_close)
+    assert q.is_contiguous() and k.is_contiguous()
+
+
+@pytest.mark.parametrize("where", ["buffers", "in-place"])
+def test_single_stream_out(where):
+    inputs = make_stream_inputs(dtype=torch.bfloat16, per_sample=True)
+    expected = single_reference(inputs)
+    q, k = inputs["q"].clone(), inputs["k"].clone()
+    out = (torch.empty_like(q), torch.empty_like(k)) if where == "buffers" else (q, k)
+    got = call_single(qk_norm_rope_triton, {**inputs, "q": q, "k": k}, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    for g, e in zip(out, expected):
+        assert_close_to(g, e, MIN_EXACT[torch.bfloat16])
+
+
+def test_opcheck_single_stream():
+    inputs = make_stream_inputs(batch=2, seq=5, heads=2, head_dim=16, per_sample=True, none_weights=("k",))
+    args = [inputs[n] for n in ("q", "k", "q_weight", "k_weight", "freqs")]
+    args = [t.requires_grad_() if t is not None and t.dtype != torch.complex64 else t for t in args]
+    torch.library.opcheck(torch.ops.qwen_image_omni.qk_norm_rope.default, (*args, 1e-6))
+    detached = [t.detach() if t is not None else None for t in args]
+    out = (torch.empty_like(detached[0]), torch.empty_like(detached[1]))
+    torch.library.opcheck(torch.ops.qwen_image_omni.qk_norm_rope_out.default, (*detached, 1e-6, *out))
+
+
+def test_compile_per_sample_tables_without_recompiles():
+    """``torch.compile(fullgraph=True)`` over both ops with per-sample tables: equal to eager, and new
+    values (same shapes) never recompile."""
+    def fn(q, k, wq, freqs, img_q, img_k, txt_q, txt_k, img_freqs, txt_freqs):
+        single = qk_norm_rope_triton(q, k, q_weight=wq, k_weight=None, freqs=freqs)
+        joint = joint_qk_norm_rope_triton(img_q, img_k, txt_q, txt_k, img_q_weight=wq, img_k_weight=None,
+                                          txt_q_weight=None, txt_k_weight=wq, img_freqs=img_freqs,
+                                          txt_freqs=txt_freqs)
+        return sum((o.float() ** 2).sum() for o in (*single, *joint))
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for seed in range(2):
+        stream = make_stream_inputs(batch=2, seq=6, heads=2, head_dim=16, per_sample=True, seed=seed)
+        joint = per_sample_tables(make_inputs(batch=2, s_img=5, s_txt=3, heads=2, head_dim=16, seed=seed))
+        args = [stream["q"], stream["k"], stream["q_weight"], stream["freqs"], *(joint[n] for n in NAMES),
+                joint["img_freqs"], joint["txt_freqs"]]
+        args = [a.detach().requires_grad_(a.dtype != torch.complex64) for a in args]
+        with torch.compiler.set_stance("fail_on_recompile") if seed else contextlib.nullcontext():
+            got = compiled(*args)
+            grads = torch.autograd.grad(got, [a for a in args if a.requires_grad])
+        expected = fn(*args)
+        assert torch.equal(got, expected)
+        for g, e in zip(grads, torch.autograd.grad(expected, [a for a in args if a.requires_grad])):
+            assert torch.equal(g, e)
 
 
 # --------------------------------------------------------------------------- registration and compile

@@ -1,11 +1,12 @@
-"""What the ``joint_qk_norm_rope`` tests share: inputs laid out as the attention processor has them,
-calls with such inputs (the reference's among them: the backends' oracle), and comparisons."""
+"""What the kernel tests share: inputs laid out as the attention processors have them (joint and
+single-stream, shared or per-sample RoPE tables), calls with such inputs (the reference's among them:
+the backends' oracle), and comparisons."""
 
 from __future__ import annotations
 
 import torch
 
-from qwen_image_omni.kernels import joint_qk_norm_rope_reference
+from qwen_image_omni.kernels import joint_qk_norm_rope_reference, qk_norm_rope_reference
 
 EPS = 1e-6
 NAMES = ("img_q", "img_k", "txt_q", "txt_k")
@@ -64,6 +65,47 @@ def make_inputs(
         img_freqs = _freqs(s_img + 3, 2 * head_dim, gen)[2 : 2 + s_img, ::2]
         txt_freqs = _freqs(s_txt + 1, 2 * head_dim, gen)[1:, 1::2]
     return dict(img_q=img_q, img_k=img_k, txt_q=txt_q, txt_k=txt_k, **weights, img_freqs=img_freqs, txt_freqs=txt_freqs)
+
+
+def per_sample_tables(inputs, seed=7):
+    """``inputs`` with every RoPE table replaced by a per-sample ``[B, S, D/2]`` one (each sample its own angles).
+
+    The tables are views with a stride along the batch that is not the row count (slices of a longer table),
+    so the backends must honour the given strides."""
+    gen = torch.Generator().manual_seed(seed)
+    first = next(v for n, v in inputs.items() if not n.endswith(("freqs", "weight")))
+    batch = first.shape[0]
+    out = dict(inputs)
+    for name in [n for n in inputs if n.endswith("freqs")]:
+        seq, half = inputs[name].shape[-2:]
+        out[name] = _freqs(batch * (seq + 2), 2 * half, gen).unflatten(0, (batch, seq + 2))[:, 1 : seq + 1]
+    return out
+
+
+SINGLE_NAMES = ("q", "k")
+
+
+def make_stream_inputs(batch=2, seq=29, heads=3, head_dim=64, dtype=torch.float32, weight_dtype=None,
+                       none_weights=(), layout="unflatten", per_sample=False, seed=0):
+    """Single-stream inputs by argument name: ``q``, ``k``, ``q_weight``, ``k_weight``, ``freqs``
+    (``per_sample``: a ``[B, S, D/2]`` table); layouts as :func:`make_inputs`."""
+    joint = make_inputs(batch=batch, s_img=seq, s_txt=1, heads=heads, head_dim=head_dim, dtype=dtype,
+                        weight_dtype=weight_dtype, layout=layout, seed=seed,
+                        none_weights=tuple(f"img_{n}" for n in none_weights))
+    inputs = dict(q=joint["img_q"], k=joint["img_k"], q_weight=joint["img_q_weight"], k_weight=joint["img_k_weight"],
+                  freqs=joint["img_freqs"])
+    return per_sample_tables(inputs, seed=seed + 7) if per_sample else inputs
+
+
+def call_single(fn, inputs, **kwargs):
+    """``fn(q, k, q_weight=..., k_weight=..., freqs=..., **kwargs)`` from ``inputs``."""
+    inputs = dict(inputs)
+    return fn(inputs.pop("q"), inputs.pop("k"), **inputs, **kwargs)
+
+
+def single_reference(inputs, eps=EPS):
+    """The single-stream oracle: ``qk_norm_rope_reference`` of a ``make_stream_inputs`` dict."""
+    return call_single(qk_norm_rope_reference, inputs, eps=eps)
 
 
 def call(fn, inputs, **kwargs):
@@ -140,3 +182,36 @@ def forward_backward(fn, inputs, leaves, grads):
     """``fn(inputs)`` and the gradient of ``sum(outputs * grads)`` for every leaf (None if unused)."""
     outputs = fn(inputs)
     return outputs, torch.autograd.grad(outputs, list(leaves.values()), grads, allow_unused=True)
+
+
+def assert_weight_grad_close(got, expected, name):
+    """A weight gradient, a sum over B*S*H terms taken in another order: within a few roundings of its
+    dtype, relative to its largest element."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape, name
+    tol = 1e-5 if got.dtype == torch.float32 else 2**-6
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol * expected.abs().max().item(),
+                               msg=name)
+
+
+def check_single_stream(fn, inputs, *, assert_output=assert_matches, assert_input_grad=None,
+                        requires=("q", "k", "q_weight", "k_weight")):
+    """``fn`` (a single-stream implementation) against ``single_reference``: outputs and the gradients of
+    the tensors named in ``requires`` (leaves are contiguous copies; the inputs' own strides are checked
+    without autograd). ``assert_output(got, expected)`` compares outputs, ``assert_input_grad`` q and k's
+    gradients (default: as outputs, at least 99.9 % bit-exact). Returns ``fn``'s outputs."""
+    assert_input_grad = assert_input_grad or (lambda g, e: assert_matches(g, e, min_exact=0.999))
+    with torch.no_grad():
+        for o, e in zip(call_single(fn, inputs), single_reference(inputs)):
+            assert_output(o, e)
+    grad_inputs, leaves = with_leaves(inputs, requires)
+    grads = joint_grads(single_reference(inputs))
+    expected_out, expected = forward_backward(single_reference, grad_inputs, leaves, grads)
+    out, got = forward_backward(lambda i: call_single(fn, i), grad_inputs, leaves, grads)
+    for o, e in zip(out, expected_out):
+        assert_output(o, e)
+    for name, g, e in zip(leaves, got, expected):
+        if name.endswith("weight"):
+            assert_weight_grad_close(g, e, name)
+        else:
+            assert_input_grad(g, e)
+    return out
