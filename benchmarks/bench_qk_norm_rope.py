@@ -11,9 +11,13 @@ Two tables:
   timed in turns (one call each per round) so that load from other processes hits them alike.
 * Full (on CUDA, or anywhere with ``--full``): rows diffusers eager, our torch backend,
   ``torch.compile`` of the diffusers sequence and our Triton kernel; the same three passes;
-  for each text width of ``--full-txt``. Columns: microseconds (``triton.testing.do_bench``, which
-  flushes the L2 cache before every call), the bytes the op must move divided by that time, and
-  that as a share of the device's peak HBM bandwidth.
+  for each text width of ``--full-txt``. Then the same for the other layouts the models launch:
+  "per-sample" (the joint op with one RoPE table per sample, ``[B, S, D/2]``, at
+  ``--per-sample-batch`` samples; diffusers has no such tables, so its row loops over the samples)
+  and "1-stream" (Qwen-Image 2.1's single stream of S_img + S_txt tokens: diffusers' RMSNorm +
+  ``apply_rotary_emb_qwen`` vs ``qk_norm_rope``, also in place). Columns: microseconds
+  (``triton.testing.do_bench``, which flushes the L2 cache before every call), the bytes the op
+  must move divided by that time, and that as a share of the device's peak HBM bandwidth.
 
     python benchmarks/bench_qk_norm_rope.py                      # CPU table (+ full table on CUDA)
     python benchmarks/bench_qk_norm_rope.py --full-txt 512 1024  # the widths of the full table
@@ -29,7 +33,7 @@ import torch
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from qwen_image_omni.kernels import joint_qk_norm_rope
+from qwen_image_omni.kernels import joint_qk_norm_rope, qk_norm_rope
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NAMES = ("img_q", "img_k", "txt_q", "txt_k")
@@ -38,19 +42,22 @@ PASSES = ("fwd", "fwd grad", "fwd+bwd")
 PEAK_HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0), ("B200", 8000.0))
 
 
-def make_case(args, dtype: torch.dtype, device: str, txt: int | None = None, requires_grad: bool = False) -> dict:
+def make_case(args, dtype: torch.dtype, device: str, txt: int | None = None, requires_grad: bool = False,
+              batch: int | None = None, per_sample: bool = False) -> dict:
     """Activations as the processor has them (linear outputs viewed as heads), RMSNorms and tables.
 
     With ``requires_grad`` the linear outputs are leaves that need a gradient, and so are the norm
     weights; ``grad_q`` / ``grad_k`` are then random gradients of the joint outputs for the backward.
+    ``per_sample``: ``[B, S, D/2]`` tables, each sample its own.
     """
     txt = args.txt if txt is None else txt
+    batch = args.batch if batch is None else batch
     gen = torch.Generator().manual_seed(0)
     heads, head_dim = args.heads, args.head_dim
     case = {}
     for name in NAMES:
         seq = args.img if name.startswith("img") else txt
-        x = torch.randn(args.batch, seq, heads * head_dim, generator=gen).to(device=device, dtype=dtype)
+        x = torch.randn(batch, seq, heads * head_dim, generator=gen).to(device=device, dtype=dtype)
         x.requires_grad_(requires_grad)
         case[f"{name}_flat"] = x
         case[name] = x.unflatten(-1, (heads, head_dim))
@@ -59,12 +66,36 @@ def make_case(args, dtype: torch.dtype, device: str, txt: int | None = None, req
         norm.weight.requires_grad_(requires_grad)
         case[f"{name}_norm"] = norm
     for stream, seq in (("img", args.img), ("txt", txt)):
-        angles = torch.rand(seq, head_dim // 2, generator=gen) * 100
-        case[f"{stream}_freqs"] = torch.polar(torch.ones_like(angles), angles).to(device)
+        case[f"{stream}_freqs"] = _table(gen, (batch, seq) if per_sample else (seq,), head_dim, device)
+    case["leaves"] = [case[f"{n}_flat"] for n in NAMES] + [case[f"{n}_norm"].weight for n in NAMES]
     if requires_grad:
-        joint = (args.batch, txt + args.img, heads, head_dim)
-        for name in ("grad_q", "grad_k"):
-            case[name] = torch.randn(joint, generator=gen).to(device=device, dtype=dtype)
+        joint = (batch, txt + args.img, heads, head_dim)
+        case["grads"] = tuple(torch.randn(joint, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    return case
+
+
+def _table(gen: torch.Generator, rows: tuple, head_dim: int, device: str) -> torch.Tensor:
+    angles = torch.rand(*rows, head_dim // 2, generator=gen) * 100
+    return torch.polar(torch.ones_like(angles), angles).to(device)
+
+
+def make_single_case(args, dtype: torch.dtype, device: str, txt: int, requires_grad: bool = False) -> dict:
+    """One stream of ``S_img + S_txt`` tokens (Qwen-Image 2.1): q and k as linear outputs viewed as heads,
+    their RMSNorms, a per-sample table ``[B, S, D/2]`` (2.1's positions are per sample) and output gradients."""
+    gen = torch.Generator().manual_seed(0)
+    seq, heads, head_dim = args.img + txt, args.heads, args.head_dim
+    case = {}
+    for name in ("q", "k"):
+        x = torch.randn(args.batch, seq, heads * head_dim, generator=gen).to(device=device, dtype=dtype)
+        case[f"{name}_flat"] = x.requires_grad_(requires_grad)
+        norm = RMSNorm(head_dim, eps=1e-6).to(device=device, dtype=dtype)
+        norm.weight.data.copy_(torch.rand(head_dim, generator=gen) + 0.5)
+        case[f"{name}_norm"] = norm.requires_grad_(requires_grad)
+    case["freqs"] = _table(gen, (args.batch, seq), head_dim, device)
+    case["leaves"] = [case["q_flat"], case["k_flat"], case["q_norm"].weight, case["k_norm"].weight]
+    if requires_grad:
+        shape = (args.batch, seq, heads, head_dim)
+        case["grads"] = tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
     return case
 
 
@@ -90,13 +121,52 @@ def ours(backend: str):
     return run
 
 
-def bytes_moved(args, dtype: torch.dtype, txt: int, backward: bool) -> int:
-    """Bytes the op must move at least: q and k of both streams read once, joint q and k written once,
-    the fp32 table read once; the backward reads the joint gradients, q and k and the table again and
-    writes the input gradients (weights and the saved fp32 rstd are a rounding error and not counted)."""
-    tokens = args.batch * (args.img + txt)
+def diffusers_per_sample(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' sequence sample by sample, each with its own tables (it takes one table per call)."""
+    outs = []
+    for b in range(case["img_q_flat"].shape[0]):
+        sample = {n: case[n] for n in case if n.endswith("_norm")}
+        sample.update({n: case[n][b : b + 1] for n in case if n.endswith("_flat") or n in NAMES})
+        sample.update({n: case[n][b] for n in ("img_freqs", "txt_freqs")})
+        outs.append(diffusers_sequence(sample))
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def diffusers_single(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-Image 2.1's q/k sequence with diffusers' modules (RMSNorm, ``apply_rotary_emb_qwen``) on one stream.
+
+    ``apply_rotary_emb_qwen`` takes one ``[S, D/2]`` table for the batch: sample 0's, as diffusers' 2.1
+    class lays every sample out (the same work; the per-sample numbers are what ours adds)."""
+    head_dim = case["q_norm"].weight.shape[0]
+    out = []
+    for name in ("q", "k"):
+        x = case[f"{name}_norm"](case[f"{name}_flat"].unflatten(-1, (-1, head_dim)))
+        out.append(apply_rotary_emb_qwen(x, case["freqs"][0], use_real=False))
+    return out[0], out[1]
+
+
+def ours_single(backend: str, in_place: bool = False):
+    """``qk_norm_rope`` with one backend (``in_place``: written over q and k, inference only)."""
+
+    def run(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = (case[f"{n}_flat"].unflatten(-1, (-1, case["q_norm"].weight.shape[0])) for n in ("q", "k"))
+        return qk_norm_rope(q, k, q_weight=case["q_norm"].weight, k_weight=case["k_norm"].weight,
+                            freqs=case["freqs"], out=(q, k) if in_place else None, backend=backend)
+
+    return run
+
+
+def bytes_moved(args, dtype: torch.dtype, txt: int, backward: bool, batch: int | None = None,
+                per_sample: bool = False) -> int:
+    """Bytes the op must move at least: q and k of every token read once, q and k written once, the fp32
+    table read once (per sample for per-sample tables); the backward reads the output gradients, q and k
+    and the table again and writes the input gradients (weights and the saved fp32 rstd are a rounding
+    error and not counted). The same for both layouts: a single stream of S_img + S_txt tokens moves
+    what the joint op moves."""
+    batch = args.batch if batch is None else batch
+    tokens = batch * (args.img + txt)
     tensor = tokens * args.heads * args.head_dim * torch.finfo(dtype).bits // 8
-    table = (args.img + txt) * args.head_dim * 4
+    table = (batch if per_sample else 1) * (args.img + txt) * args.head_dim * 4
     forward = 4 * tensor + table
     return forward + (6 * tensor + table if backward else 0)
 
@@ -130,7 +200,7 @@ def results(fn, case: dict, pass_name: str) -> list[torch.Tensor]:
         with torch.no_grad():
             return list(fn(case))
     joint_q, joint_k = fn(case)
-    return list(torch.autograd.grad((joint_q, joint_k), leaves(case), (case["grad_q"], case["grad_k"])))
+    return list(torch.autograd.grad((joint_q, joint_k), case["leaves"], case["grads"]))
 
 
 def cpu_table(args, dtypes: list[str]) -> None:
@@ -178,11 +248,6 @@ def microseconds(fn, device: str, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e6
 
 
-def leaves(case: dict) -> list[torch.Tensor]:
-    """The tensors a training step differentiates: the four linear outputs and the four norm weights."""
-    return [case[f"{n}_flat"] for n in NAMES] + [case[f"{n}_norm"].weight for n in NAMES]
-
-
 def step(fn, case: dict, pass_name: str):
     """A no-argument callable running one pass of ``fn`` on ``case`` (``make_case(requires_grad=True)``).
 
@@ -198,11 +263,11 @@ def step(fn, case: dict, pass_name: str):
         return forward_no_grad
     if pass_name == "fwd grad":
         return lambda: fn(case)
-    targets = leaves(case)
+    targets = case["leaves"]
 
     def forward_backward():
         joint_q, joint_k = fn(case)
-        torch.autograd.backward((joint_q, joint_k), (case["grad_q"], case["grad_k"]))
+        torch.autograd.backward((joint_q, joint_k), case["grads"])
         for leaf in targets:
             leaf.grad = None
 
@@ -224,18 +289,38 @@ def full_table(args, dtype_name: str, device: str) -> None:
         "torch.compile(diffusers)": torch.compile(diffusers_sequence),
         "ours triton": ours("triton"),
     }
-    header = f"{'S_txt':>6}  {'pass':<10}{'implementation':<26}{'µs':>10}{'GB/s':>10}{'% peak':>8}"
+    per_sample = {
+        "per-sample diffusers loop": diffusers_per_sample,
+        "per-sample ours torch": ours("torch"),
+        "per-sample ours triton": ours("triton"),
+    }
+    single = {
+        "1-stream diffusers eager": diffusers_single,
+        "1-stream ours torch": ours_single("torch"),
+        "1-stream torch.compile(diffusers)": torch.compile(diffusers_single),
+        "1-stream ours triton": ours_single("triton"),
+    }
+    header = f"{'S_txt':>6}  {'pass':<10}{'implementation':<36}{'µs':>10}{'GB/s':>10}{'% peak':>8}"
     print(header)
     print("-" * len(header))
     for txt in args.full_txt:
-        case = make_case(args, dtype, device, txt=txt, requires_grad=True)
-        for pass_name in PASSES:
-            moved = bytes_moved(args, dtype, txt, backward=pass_name == "fwd+bwd")
-            for name, fn in candidates.items():
-                us = microseconds(step(fn, case, pass_name), device, args.repeats)
-                gbps = moved / us / 1e3
-                share = f"{100 * gbps / peak:.0f}" if peak else "-"
-                print(f"{txt:>6}  {pass_name:<10}{name:<26}{us:>10.1f}{gbps:>10.0f}{share:>8}", flush=True)
+        layouts = (
+            (candidates, make_case(args, dtype, device, txt=txt, requires_grad=True), {}),
+            (per_sample, make_case(args, dtype, device, txt=txt, requires_grad=True, batch=args.per_sample_batch,
+                                   per_sample=True), dict(batch=args.per_sample_batch, per_sample=True)),
+            (single, make_single_case(args, dtype, device, txt, requires_grad=True), dict(per_sample=True)),
+        )
+        for fns, case, sizes in layouts:
+            for pass_name in PASSES:
+                moved = bytes_moved(args, dtype, txt, backward=pass_name == "fwd+bwd", **sizes)
+                rows = dict(fns)
+                if fns is single and pass_name == "fwd":
+                    rows["1-stream ours triton in place"] = ours_single("triton", in_place=True)
+                for name, fn in rows.items():
+                    us = microseconds(step(fn, case, pass_name), device, args.repeats)
+                    gbps = moved / us / 1e3
+                    share = f"{100 * gbps / peak:.0f}" if peak else "-"
+                    print(f"{txt:>6}  {pass_name:<10}{name:<36}{us:>10.1f}{gbps:>10.0f}{share:>8}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -245,6 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--txt", type=int, default=512, help="text tokens of the CPU table")
     parser.add_argument("--img", type=int, default=4096, help="image tokens")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--per-sample-batch", type=int, default=2, help="samples of the per-sample-table rows")
     parser.add_argument("--heads", type=int, default=24)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per candidate on CPU")

@@ -51,7 +51,7 @@ STEPS = ("cuda-tests", "qk-norm-rope", "transformer")
 # minutes even when steps run out of time; a step that finishes early leaves its time to the next.
 PLANS = {
     "cuda": {
-        "timeouts": {"cuda-tests": 180, "qk-norm-rope": 180, "transformer": 210},
+        "timeouts": {"cuda-tests": 150, "qk-norm-rope": 240, "transformer": 180},
         "budget": 450,
         "qk": ["--full-dtype", "bf16", "--full-txt", "512", "1024"],
         "transformer": ["--dtype", "bf16", "--layers", "8", "--image", "1024", "--txt", "512",
@@ -70,6 +70,7 @@ CPU_LABEL = "CPU PLUMBING RUN at tiny sizes: these are NOT GPU figures"
 # A full-table row from its implementation column on: name, µs, GB/s, % of peak (or "-").
 QK_CELLS = re.compile(r"^(\S.*?)\s+(\d+(?:\.\d+)?)\s+(\d+(?:\.\d+)?)\s+(\d+|-)\s*$")
 QK_OURS = "ours triton"
+QK_LAYOUTS = ("", "per-sample ", "1-stream ")  # row-name prefixes of the layouts (joint, per-sample tables, 2.1)
 QK_KEY_PASSES = ("fwd", "fwd+bwd")  # the passes the summary quotes; the markdown file has every row
 
 
@@ -216,26 +217,36 @@ def qk_rows(output: str) -> list[dict]:
     return rows
 
 
-def qk_pass_figures(rows: list[dict], txt: int, pass_: str) -> str | None:
-    """Our Triton kernel's µs, GB/s and % of peak at one width and pass, and how many times faster it is."""
-    here = {r["implementation"]: r for r in rows if r["txt"] == txt and r["pass"] == pass_}
-    ours = here.get(QK_OURS)
+def _layout(name: str) -> str:
+    """The layout prefix of a row name (the longest of :data:`QK_LAYOUTS` it starts with)."""
+    return max((p for p in QK_LAYOUTS if name.startswith(p)), key=len)
+
+
+def qk_pass_figures(rows: list[dict], txt: int, pass_: str, layout: str = "") -> str | None:
+    """Our Triton kernel's µs, GB/s and % of peak at one width, pass and layout, and how many times faster
+    it is than the layout's other rows."""
+    here = {r["implementation"]: r for r in rows
+            if r["txt"] == txt and r["pass"] == pass_ and _layout(r["implementation"]) == layout}
+    ours = here.get(layout + QK_OURS)
     if ours is None:
         return None
     peak = f"{ours['peak']} % of peak" if ours["peak"] != "-" else "peak unknown"
-    faster = ", ".join(f"{name} {r['us'] / ours['us']:.2f}x" for name, r in here.items() if name != QK_OURS)
-    return f"S_txt {txt} {pass_}: {ours['us']:.1f} µs, {ours['gbps']:.0f} GB/s, {peak}; speed-up vs {faster}"
+    faster = ", ".join(f"{name} {r['us'] / ours['us']:.2f}x" for name, r in here.items()
+                       if name != layout + QK_OURS)
+    label = f"{layout.strip() or 'joint'} S_txt {txt} {pass_}"
+    return f"{label}: {ours['us']:.1f} µs, {ours['gbps']:.0f} GB/s, {peak}; speed-up vs {faster}"
 
 
 def qk_figures(log_dir: Path, output: str) -> tuple[bool, str]:
-    """Key figures of the fused op: our Triton kernel at the widest text, in each of :data:`QK_KEY_PASSES`."""
+    """Key figures of the fused op: our Triton kernel at the widest text, in each of :data:`QK_KEY_PASSES`,
+    for each layout of :data:`QK_LAYOUTS`."""
     rows = qk_rows(output)
     if not rows:
         return False, "no rows of the full table found in the output"
     widest = max(r["txt"] for r in rows)
-    found = [qk_pass_figures(rows, widest, pass_) for pass_ in QK_KEY_PASSES]
+    found = [qk_pass_figures(rows, widest, pass_, layout) for layout in QK_LAYOUTS for pass_ in QK_KEY_PASSES]
     if None in found:
-        return False, f"no '{QK_OURS}' row for S_txt {widest} in each of {QK_KEY_PASSES} in the output"
+        return False, f"no '{QK_OURS}' row for S_txt {widest} in each of {QK_KEY_PASSES} and layouts in the output"
     return True, "; ".join(found)
 
 
