@@ -449,3 +449,18 @@ def test_cuda_compile_inductor_equals_eager():
     compiled = torch.compile(eager, fullgraph=True)
     for g, r in zip(compiled(*args), eager(*args)):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_per_sample_and_single_stream_at_qwen_image_shapes(dtype):
+    """Qwen-Image 2.1's single stream (4096 + 512 tokens, per-sample table) and the joint op with
+    per-sample tables, B=2, forward and gradients, on the GPU."""
+    joint = per_sample_tables(make_inputs(batch=2, s_img=4096, s_txt=512, heads=24, head_dim=128, dtype=dtype))
+    joint = {n: t.cuda() if t is not None else None for n, t in joint.items()}
+    check_forward(joint)
+    check_gradients(joint)
+    stream = make_stream_inputs(batch=2, seq=4608, heads=24, head_dim=128, dtype=dtype, per_sample=True)
+    stream = {n: t.cuda() if t is not None else None for n, t in stream.items()}
+    check_single_stream(qk_norm_rope_triton, stream, assert_output=lambda o, e: assert_close_to(o, e, MIN_EXACT[dtype]),
+                        assert_input_grad=_assert_input_grad_close)
