@@ -10,6 +10,11 @@ Tables are computed once on the CPU (as diffusers does, so CUDA and CPU runs see
 and cached per device: a forward pass makes no host-to-device copy once its shapes were seen.
 Under ``torch.compile`` they are computed inside the graph on the target device instead, so
 compiled calls never mutate the caches (no recompiles) and new shapes need no new table.
+
+A batch whose samples have different image shapes (same token count: e.g. 32x64 and 64x32 grids,
+or Edit condition images of different grids) gets one table per sample from
+:meth:`QwenEmbedRope.per_sample_freqs`; ``forward`` keeps diffusers' reading (sample 0's tables for
+the whole batch) unless asked for per-sample tables.
 """
 
 from __future__ import annotations
@@ -210,30 +215,100 @@ class QwenEmbedRope(nn.Module):
         video_fhw,
         device: torch.device | None = None,
         max_txt_seq_len: int | torch.Tensor | None = None,
+        *,
+        per_sample: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(img_freqs [S_img, D/2], txt_freqs [max_txt_seq_len, D/2])``, complex64.
 
         Args:
             video_fhw: image shapes in any form ``normalize_img_shapes`` accepts. Like diffusers, the
-                first sample's shapes are used for the whole batch (a warning is logged if they differ;
-                the transformer refuses such batches before it gets here).
+                first sample's shapes are used for the whole batch (a warning is logged if they differ).
             device: device of the returned tables (CPU when None).
             max_txt_seq_len: text width, i.e. ``encoder_hidden_states.shape[1]``.
+            per_sample: return one table per entry of ``video_fhw`` instead (:meth:`per_sample_freqs`),
+                sequence-major: ``[S_img, B * D/2]`` and ``[max_txt_seq_len, B * D/2]``
+                (:func:`pack_per_sample`; :func:`unpack_per_sample` gives ``[B, S, D/2]`` back). In this
+                layout the context/sequence-parallel plans that split this module's 2-D outputs along
+                dim 0 (diffusers' ``_cp_plan``, vllm-omni's ``_sp_plan``) cut every sample's table
+                along its tokens, as they cut a shared table.
         """
-        if max_txt_seq_len is None:
-            raise ValueError("`max_txt_seq_len` must be provided (the text width, encoder_hidden_states.shape[1])")
+        if per_sample:
+            img_freqs, txt_freqs = self.per_sample_freqs(video_fhw, device, max_txt_seq_len)
+            return pack_per_sample(img_freqs), pack_per_sample(txt_freqs)
+        length = _text_length(max_txt_seq_len)
         samples = normalize_img_shapes(video_fhw)
         shapes = tuple(samples[0])
         if not torch.compiler.is_compiling() and any(tuple(s) != shapes for s in samples[1:]):
             logger.warning(
-                "Batch inference with different image shapes per sample is not supported by Qwen-Image RoPE; "
-                "using the first sample's shapes %s for the whole batch (got %s).",
+                "Batch inference with different image shapes per sample is not supported by "
+                "QwenEmbedRope.forward; using the first sample's shapes %s for the whole batch (got %s). "
+                "QwenEmbedRope.per_sample_freqs gives one table per sample.",
                 shapes,
                 samples,
             )
-        device = torch.device("cpu") if device is None else torch.device(device)
-        # int() of a symbolic width would specialise it under torch.compile; a tensor width is read once.
-        length = max_txt_seq_len if isinstance(max_txt_seq_len, (int, torch.SymInt)) else int(max_txt_seq_len)
+        device = _device(device)
         img_freqs = self.image_freqs(shapes, device)
         txt_freqs = self.text_freqs(self.max_vid_index(shapes), length, device)
         return img_freqs, txt_freqs
+
+    def per_sample_freqs(
+        self,
+        video_fhw,
+        device: torch.device | None = None,
+        max_txt_seq_len: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One table per sample: ``(img_freqs [B, S_img, D/2], txt_freqs [B, max_txt_seq_len, D/2])``, complex64.
+
+        Row ``i`` holds, bit for bit, the tables :meth:`forward` gives sample ``i`` alone: its own image
+        positions, and text positions from its own ``max_vid_index``. ``B`` is the number of entries
+        of ``video_fhw`` (``normalize_img_shapes``), one per sample of the batch.
+
+        Args:
+            video_fhw: per-sample image shapes, in any form ``normalize_img_shapes`` accepts.
+            device: device of the returned tables (CPU when None).
+            max_txt_seq_len: text width, i.e. ``encoder_hidden_states.shape[1]``.
+
+        Raises:
+            ValueError: the samples have different image token counts (their tables could not stack).
+        """
+        length = _text_length(max_txt_seq_len)
+        samples = [tuple(sample) for sample in normalize_img_shapes(video_fhw)]
+        tokens = [sum(f * h * w for f, h, w in shapes) for shapes in samples]
+        if any(count != tokens[0] for count in tokens[1:]):
+            raise ValueError(
+                f"`img_shapes` samples must have one image token count to batch, got {tokens} tokens for "
+                f"{[list(shapes) for shapes in samples]}"
+            )
+        device = _device(device)
+        img_freqs = torch.stack([self.image_freqs(shapes, device) for shapes in samples])
+        txt_freqs = torch.stack([self.text_freqs(self.max_vid_index(shapes), length, device) for shapes in samples])
+        return img_freqs, txt_freqs
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def _text_length(max_txt_seq_len: int | torch.Tensor | None) -> int:
+    """The text width as an int; a symbolic width under ``torch.compile`` stays symbolic."""
+    if max_txt_seq_len is None:
+        raise ValueError("`max_txt_seq_len` must be provided (the text width, encoder_hidden_states.shape[1])")
+    # int() of a symbolic width would specialise it under torch.compile; a tensor width is read once.
+    return max_txt_seq_len if isinstance(max_txt_seq_len, (int, torch.SymInt)) else int(max_txt_seq_len)
+
+
+def pack_per_sample(freqs: torch.Tensor) -> torch.Tensor:
+    """Per-sample tables ``[B, S, D/2]`` as one sequence-major 2-D table ``[S, B * D/2]``.
+
+    Row ``s`` holds position ``s`` of every sample, so cutting rows cuts every sample's table at the
+    same tokens: what a parallel plan splitting a shared ``[S, D/2]`` table along dim 0 does.
+    """
+    return freqs.transpose(0, 1).flatten(1)
+
+
+def unpack_per_sample(packed: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The per-sample tables ``[B, S, D/2]`` of a :func:`pack_per_sample` table ``[S, B * D/2]`` (or rows of it).
+
+    Contiguous: a kernel that needs contiguous tables then copies nothing per call.
+    """
+    return packed.unflatten(1, (batch_size, -1)).transpose(0, 1).contiguous()

@@ -8,6 +8,10 @@ length argument, so prompt embeddings padded wider than their valid tokens (fixe
 collation, continuous-batching padding) get the same numbers as unpadded ones. Callers that still
 pass vllm-omni's ``txt_seq_lens`` are accepted, warned once, and ignored.
 
+Samples of one batch may also have different image shapes with the same token count (32x64 and
+64x32 grids, Edit condition images of different grids): each then gets its own RoPE positions
+(and Edit-Plus modulation index), where diffusers gives every sample sample 0's.
+
 The q/k RMSNorm + RoPE + ``[text, image]`` concatenation of every block goes through
 ``qwen_image_omni.kernels.joint_qk_norm_rope``.
 """
@@ -38,7 +42,7 @@ from diffusers.utils.torch_utils import maybe_allow_in_graph
 from packaging.version import Version
 
 from ..kernels import joint_qk_norm_rope
-from .rope_qwenimage import QwenEmbedRope, normalize_img_shapes
+from .rope_qwenimage import QwenEmbedRope, normalize_img_shapes, unpack_per_sample
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # diffusers' layerwise casting stores weights in one dtype and computes in another (its hook's name).
@@ -385,7 +389,8 @@ class BlockInputs(NamedTuple):
 
     ``hidden_states`` ``(B, S, dim)`` and ``encoder_hidden_states`` ``(B, L, dim)`` are the embedded
     image and text streams; ``temb`` the timestep embedding (``2B`` rows with Edit-Plus
-    ``zero_cond_t``); ``image_rotary_emb`` the RoPE tables of the image and the text width;
+    ``zero_cond_t``); ``image_rotary_emb`` the RoPE tables of the image and the text width
+    (``[S, D/2]`` shared by the batch, or ``[B, S, D/2]`` when the samples' image shapes differ);
     ``encoder_hidden_states_mask`` the boolean text mask (None: all valid); ``modulate_index`` the
     per-token target/condition index of ``zero_cond_t`` (else None); ``attention_kwargs`` and
     ``controlnet_block_samples`` as :meth:`QwenImageTransformer2DModel.forward` took them.
@@ -626,8 +631,8 @@ class QwenImageTransformer2DModel(
             return None
         return mask
 
-    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep, img_shapes) -> tuple:
-        """Validate the inputs up front; return the image shapes every sample shares.
+    def _check_inputs(self, hidden_states, encoder_hidden_states, timestep, img_shapes) -> list[tuple]:
+        """Validate the inputs up front; return the image shapes of the batch (see :meth:`_batch_img_shapes`).
 
         Timestep values (flow-matching time in [0, 1]) are checked in eager mode only: the check
         reads the tensor, which would break a compiled graph.
@@ -674,30 +679,40 @@ class QwenImageTransformer2DModel(
                 "`timestep` must be flow-matching time in [0, 1] (diffusers' pipelines pass scheduler.timesteps / "
                 f"1000), got values from {timestep.min().item()} to {timestep.max().item()}"
             )
-        return self._shared_img_shapes(normalize_img_shapes(img_shapes), image_tokens)
+        return self._batch_img_shapes(normalize_img_shapes(img_shapes), batch_size, image_tokens)
 
     @staticmethod
-    def _shared_img_shapes(samples: list, image_tokens: int) -> tuple:
-        """The image shapes of the batch, as diffusers reads ``img_shapes``: every sample has sample 0's shapes.
+    def _batch_img_shapes(samples: list, batch_size: int, image_tokens: int) -> list[tuple]:
+        """The image shapes of the batch: ``[shapes]`` when every sample has them, else one entry per row.
 
-        diffusers applies sample 0's RoPE positions to every row (however many entries the list has),
-        which is silently wrong when samples differ; here that is a ``ValueError`` instead.
+        When all entries of ``img_shapes`` agree, the list may have any length, as diffusers reads it
+        (its pipelines list one entry per prompt for prompts x ``num_images_per_prompt`` rows). When
+        they differ, diffusers gives every row sample 0's RoPE positions; here each row gets its own,
+        which takes one entry per row. Every sample must cover ``hidden_states.shape[1]`` tokens.
         """
         shapes = tuple(samples[0])
-        for i, sample in enumerate(samples[1:], start=1):
-            if tuple(sample) != shapes:
+        if all(tuple(sample) == shapes for sample in samples[1:]):
+            tokens = sum(math.prod(fhw) for fhw in shapes)
+            if tokens != image_tokens:
                 raise ValueError(
-                    f"`img_shapes` sample {i} {list(sample)} differs from sample 0 {list(shapes)}: one batch must "
-                    "share one latent layout (diffusers would silently give every sample sample 0's RoPE "
-                    "positions); run samples with different image shapes in separate batches"
+                    f"`img_shapes` {list(shapes)} covers {tokens} image tokens per sample, but hidden_states has "
+                    f"{image_tokens} (hidden_states.shape[1])"
                 )
-        tokens = sum(math.prod(fhw) for fhw in shapes)
-        if tokens != image_tokens:
+            return [shapes]
+        if len(samples) != batch_size:
             raise ValueError(
-                f"`img_shapes` {list(shapes)} covers {tokens} image tokens per sample, but hidden_states has "
-                f"{image_tokens} (hidden_states.shape[1])"
+                f"`img_shapes` lists {len(samples)} samples whose shapes differ, but hidden_states has batch "
+                f"{batch_size}: samples with different image shapes need one `img_shapes` entry per row"
             )
-        return shapes
+        for i, sample in enumerate(samples):
+            tokens = sum(math.prod(fhw) for fhw in sample)
+            if tokens != image_tokens:
+                raise ValueError(
+                    f"`img_shapes` sample {i} {list(sample)} covers {tokens} image tokens, but hidden_states has "
+                    f"{image_tokens} per sample (hidden_states.shape[1]): the samples of a batch may have "
+                    "different image shapes, not different token counts"
+                )
+        return [tuple(sample) for sample in samples]
 
     def _check_additional_t_cond(self, additional_t_cond, batch_size: int) -> torch.Tensor | None:
         """Layered's per-sample 0/1 condition: required with ``use_additional_t_cond``, refused without it."""
@@ -750,11 +765,48 @@ class QwenImageTransformer2DModel(
                 )
 
     @staticmethod
-    def _modulate_index(shapes: tuple, batch_size: int, image_tokens: int, device: torch.device) -> torch.Tensor:
-        """Per-token 0 (target image) / 1 (condition images) for Edit-Plus ``zero_cond_t``, shape (batch, tokens)."""
+    def _modulate_index(
+        batch_shapes: list[tuple], batch_size: int, image_tokens: int, device: torch.device
+    ) -> torch.Tensor:
+        """Per-token 0 (target image) / 1 (condition images) for Edit-Plus ``zero_cond_t``, shape (batch, tokens).
+
+        The target is each row's first ``img_shapes`` entry; one row serves the whole batch when the
+        rows' targets have one token count.
+        """
         positions = torch.arange(image_tokens, device=device)
-        row = (positions >= math.prod(shapes[0])).to(torch.int)
-        return row.expand(batch_size, image_tokens)
+        targets = [math.prod(shapes[0]) for shapes in batch_shapes]
+        if all(tokens == targets[0] for tokens in targets[1:]):
+            return (positions >= targets[0]).to(torch.int).expand(batch_size, image_tokens)
+        return torch.stack([positions >= tokens for tokens in targets]).to(torch.int)
+
+    def _rotary_tables(
+        self, batch_shapes: list[tuple], batch_size: int, text_width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(img_freqs, txt_freqs)``: ``[S, D/2]`` tables when the batch shares one layout, else ``[B, S, D/2]``.
+
+        Per-row tables come out of ``pos_embed``'s forward too (``per_sample=True``), sequence-major,
+        so that the parallel plans splitting its outputs along dim 0 (``_cp_plan`` here, vllm-omni's
+        ``_sp_plan``) cut them with the tokens; they are unpacked to ``[B, S_local, D/2]`` here.
+        """
+        if len(batch_shapes) == 1:
+            return self.pos_embed([list(batch_shapes[0])], max_txt_seq_len=text_width, device=device)
+        self._check_processors_take_per_sample_tables()
+        img_freqs, txt_freqs = self.pos_embed(
+            [list(shapes) for shapes in batch_shapes], max_txt_seq_len=text_width, device=device, per_sample=True
+        )
+        return unpack_per_sample(img_freqs, batch_size), unpack_per_sample(txt_freqs, batch_size)
+
+    def _check_processors_take_per_sample_tables(self) -> None:
+        """Per-sample ``[B, S, D/2]`` tables need our processor; diffusers' applies a table to every sample."""
+        for index, block in enumerate(self.transformer_blocks):
+            processor = block.attn.processor
+            if not isinstance(processor, QwenDoubleStreamAttnProcessor):
+                raise ValueError(
+                    "`img_shapes` differ between the samples of this batch, which takes per-sample RoPE tables; "
+                    f"transformer_blocks.{index} attends with {type(processor).__name__}, which applies one table "
+                    "to every sample: use QwenDoubleStreamAttnProcessor (model.set_attn_processor) or run samples "
+                    "with different image shapes in separate batches"
+                )
 
     @apply_lora_scale("attention_kwargs")
     def forward(
@@ -780,7 +832,8 @@ class QwenImageTransformer2DModel(
             encoder_hidden_states_mask (`torch.Tensor` of shape `(batch, text_width)`, *optional*): 1/True for
                 valid tokens, 0/False for padding; bool, integer or 0/1 float; any pattern (right, left, holes).
             timestep (`torch.Tensor` of shape `(batch,)` or `(1,)`): flow-matching time in [0, 1].
-            img_shapes (`list`): per sample, a list of `(frame, height, width)` latent grids (Edit: several).
+            img_shapes (`list`): per sample, a list of `(frame, height, width)` latent grids (Edit: several). Samples
+                may differ (same token count; then one entry per row): each gets its own RoPE positions.
             guidance: must be None (Qwen-Image has no guidance embedding; present for signature compatibility).
             attention_kwargs (`dict`, *optional*): passed to the attention processor; `scale` sets the LoRA scale.
             controlnet_block_samples (*optional*): ControlNet residuals added to the image stream after blocks.
@@ -841,7 +894,7 @@ class QwenImageTransformer2DModel(
                 "(use true CFG in the pipeline instead)"
             )
         timestep = _timestep_tensor(timestep, hidden_states)
-        shapes = self._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes)
+        batch_shapes = self._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes)
         batch_size, image_tokens = hidden_states.shape[:2]
         text_width = encoder_hidden_states.shape[1]  # the text RoPE length: the tensor's own width
         encoder_hidden_states_mask = self._text_attention_mask(encoder_hidden_states_mask, batch_size, text_width)
@@ -864,13 +917,13 @@ class QwenImageTransformer2DModel(
                 timestep = timestep.expand(batch_size)
                 additional_t_cond = additional_t_cond.expand(batch_size).repeat(2)
             timestep = torch.cat([timestep, timestep * 0], dim=0)
-            modulate_index = self._modulate_index(shapes, batch_size, image_tokens, hidden_states.device)
+            modulate_index = self._modulate_index(batch_shapes, batch_size, image_tokens, hidden_states.device)
         else:
             modulate_index = None
 
         encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states)).clone()
         temb = self.time_text_embed(timestep, hidden_states, additional_t_cond)
-        image_rotary_emb = self.pos_embed([list(shapes)], max_txt_seq_len=text_width, device=hidden_states.device)
+        image_rotary_emb = self._rotary_tables(batch_shapes, batch_size, text_width, hidden_states.device)
         return BlockInputs(
             hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
             attention_kwargs, modulate_index, controlnet_block_samples,

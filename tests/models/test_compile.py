@@ -116,3 +116,39 @@ def test_inductor_fullgraph_equals_eager_without_recompiles():
     compiled = torch.compile(ours, fullgraph=True)
     for seed, valid in ((1, (7, 3)), (2, (2, 7))):
         assert_equals_eager(compiled, ours, inputs(valid=valid, seed=seed), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config, img_shapes",
+    [
+        ({}, [[(1, 4, 5)], [(1, 5, 4)]]),  # transposed grids: per-sample RoPE tables
+        ({"zero_cond_t": True}, [[(1, 4, 5), (1, 2, 3)], [(1, 2, 3), (1, 4, 5)]]),  # and per-sample modulate_index
+    ],
+)
+def test_fullgraph_per_sample_tables_repeated_calls_do_not_recompile(config, img_shapes):
+    """Samples with different shapes: the per-sample tables are built in the graph, once per shape set."""
+    ours, _ = make_pair(**config)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    cases = []
+    for seed, valid in ((1, (7, 3)), (2, (2, 7)), (3, (7, 7))):
+        call_inputs = inputs(img_shapes=img_shapes[0], valid=valid, seed=seed)
+        cases.append({**call_inputs, "img_shapes": img_shapes})
+    outputs = [run(compiled, call_inputs) for call_inputs in cases]
+    assert not ours.pos_embed._image_freqs and not ours.pos_embed._text_tables  # compiled calls fill no cache
+    for output, call_inputs in zip(outputs, cases):
+        torch.testing.assert_close(output, run(ours, call_inputs), **EQUAL_EAGER)
+
+
+def test_dynamic_per_sample_tables_new_grids_do_not_recompile():
+    """dynamic=True: other grids of the same kinds and other text widths reuse the graph."""
+    ours, _ = make_pair(zero_cond_t=True)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager", dynamic=True)
+    for seed, (img_shapes, width, valid) in enumerate(
+        [
+            ([[(1, 4, 5), (1, 2, 3)], [(1, 2, 3), (1, 4, 5)]], 7, (7, 3)),
+            ([[(1, 6, 7), (1, 3, 4)], [(1, 3, 4), (1, 6, 7)]], 11, (9, 11)),
+        ],
+        start=1,
+    ):
+        call_inputs = inputs(img_shapes=img_shapes[0], text_width=width, valid=valid, seed=seed)
+        assert_equals_eager(compiled, ours, {**call_inputs, "img_shapes": img_shapes})

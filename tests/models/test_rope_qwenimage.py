@@ -4,7 +4,12 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope as DiffusersRope
 
-from qwen_image_omni.models.rope_qwenimage import QwenEmbedRope, normalize_img_shapes
+from qwen_image_omni.models.rope_qwenimage import (
+    QwenEmbedRope,
+    normalize_img_shapes,
+    pack_per_sample,
+    unpack_per_sample,
+)
 
 AXES = [16, 56, 56]
 CPU = torch.device("cpu")
@@ -100,5 +105,79 @@ def test_compiled_tables_equal_cached_tables(layer3d):
     torch._dynamo.reset()
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     got = compiled(shapes, max_txt_seq_len=21, device=CPU)
+    for e, g in zip(expected, got):
+        assert torch.equal(g, e)
+
+
+# --------------------------------------------------------------------------- samples with different shapes
+
+MIXED = [
+    [(1, 6, 4)],
+    [(1, 4, 6)],
+    [(1, 2, 12)],  # another max_vid_index: text positions start elsewhere
+    [(1, 6, 4)],
+]
+MIXED_EDIT = [
+    [(1, 4, 4), (1, 2, 6), (1, 4, 4)],
+    [(1, 4, 4), (1, 6, 2), (1, 4, 4)],
+    [(1, 2, 8), (1, 4, 4), (1, 3, 4)],
+]
+
+
+@pytest.mark.parametrize("layer3d, reference_class", [(False, DiffusersRope), (True, QwenEmbedLayer3DRope)])
+@pytest.mark.parametrize("img_shapes", [MIXED, MIXED_EDIT])
+def test_per_sample_tables_are_each_samples_own_diffusers_tables(layer3d, reference_class, img_shapes):
+    reference = reference_class(10000, AXES, scale_rope=True)
+    ours = QwenEmbedRope(10000, AXES, scale_rope=True, layer3d=layer3d)
+    img, txt = ours.per_sample_freqs(img_shapes, max_txt_seq_len=37, device=CPU)
+    assert img.shape == (len(img_shapes), img.shape[1], 64) and txt.shape == (len(img_shapes), 37, 64)
+    for i, shapes in enumerate(img_shapes):
+        expected_img, expected_txt = reference([shapes], max_txt_seq_len=37, device=CPU)
+        assert torch.equal(img[i], expected_img) and torch.equal(txt[i], expected_txt)
+
+
+def test_forward_keeps_diffusers_reading_of_samples_that_differ(caplog):
+    """diffusers' callers get sample 0's tables for the whole batch, with a warning, as from diffusers' class."""
+    reference = DiffusersRope(10000, AXES, scale_rope=True)
+    ours = QwenEmbedRope(10000, AXES, scale_rope=True)
+    with caplog.at_level("WARNING", logger="qwen_image_omni.models.rope_qwenimage"):
+        got = ours(MIXED, max_txt_seq_len=9, device=CPU)
+    assert "first sample's shapes" in caplog.text and "per_sample_freqs" in caplog.text
+    for e, g in zip(reference(MIXED, max_txt_seq_len=9, device=CPU), got):
+        assert torch.equal(g, e)
+
+
+def test_forward_per_sample_is_sequence_major_and_splits_along_rows():
+    """``per_sample=True`` packs ``[B, S, D/2]`` as ``[S, B * D/2]``: its rows unpack to those tokens of each sample."""
+    ours = QwenEmbedRope(10000, AXES, scale_rope=True)
+    img, txt = ours.per_sample_freqs(MIXED, max_txt_seq_len=10, device=CPU)
+    packed_img, packed_txt = ours(MIXED, max_txt_seq_len=10, device=CPU, per_sample=True)
+    assert packed_img.shape == (24, 4 * 64) and packed_txt.shape == (10, 4 * 64)
+    assert torch.equal(unpack_per_sample(packed_img, 4), img) and torch.equal(unpack_per_sample(packed_txt, 4), txt)
+    for rows in (slice(0, 12), slice(12, 24), slice(5, 18)):  # a context-parallel rank's share
+        part = unpack_per_sample(packed_img[rows], 4)
+        assert part.is_contiguous() and torch.equal(part, img[:, rows])
+    assert torch.equal(pack_per_sample(img), packed_img)
+
+
+@pytest.mark.parametrize(
+    "img_shapes, message",
+    [
+        ([[(1, 4, 6)], [(1, 4, 5)]], r"one image token count.*\[24, 20\]"),
+        ([[(1, 4, 4), (1, 2, 2)], [(1, 4, 4)]], r"one image token count.*\[20, 16\]"),
+    ],
+)
+def test_per_sample_tables_need_one_token_count(img_shapes, message):
+    with pytest.raises(ValueError, match=message):
+        QwenEmbedRope(10000, AXES, scale_rope=True).per_sample_freqs(img_shapes, max_txt_seq_len=4, device=CPU)
+
+
+@pytest.mark.parametrize("layer3d", [False, True])
+def test_compiled_per_sample_tables_equal_eager_tables(layer3d):
+    ours = QwenEmbedRope(10000, AXES, scale_rope=True, layer3d=layer3d)
+    expected = ours(MIXED_EDIT, max_txt_seq_len=21, device=CPU, per_sample=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    got = compiled(MIXED_EDIT, max_txt_seq_len=21, device=CPU, per_sample=True)
     for e, g in zip(expected, got):
         assert torch.equal(g, e)

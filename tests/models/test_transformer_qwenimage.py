@@ -116,12 +116,14 @@ def test_edit_img_shapes_per_prompt_with_num_images_per_prompt(zero_cond_t):
     torch.testing.assert_close(run(pair[0], inputs), expected, **FP32)
 
 
-def test_samples_with_different_shapes_are_refused(pair):
-    """diffusers silently gives every sample sample 0's positions; we refuse such a batch."""
-    inputs = make_inputs(batch=2, img_shapes=((1, 4, 6),))
+def test_samples_with_different_shapes_get_their_own_positions(pair):
+    """diffusers silently gives every sample sample 0's positions; ours gives each its own (more in
+    test_mixed_grid_batches.py)."""
+    ours, reference = pair
+    inputs = make_inputs(batch=2, img_shapes=((1, 4, 6),), valid=[7, 3])
     inputs["img_shapes"] = [[(1, 4, 6)], [(1, 6, 4)]]  # same token count, transposed grid
-    with pytest.raises(ValueError, match=r"img_shapes` sample 1 \[\(1, 6, 4\)\] differs from sample 0"):
-        run(pair[0], inputs)
+    alone = {name: value[1:] if torch.is_tensor(value) else [value[1]] for name, value in inputs.items()}
+    torch.testing.assert_close(run(ours, inputs)[1:], run(reference, alone), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf"), 1e30, "empty"])
@@ -310,7 +312,8 @@ def test_txt_seq_lens_accepted_ignored_and_warned_once(pair, monkeypatch):
         (lambda i: i.update(img_shapes=[[(1, 4, 5)]] * 2), r"img_shapes.*20 image tokens.*24"),
         (lambda i: i.update(img_shapes=None), r"img_shapes.*required"),
         (lambda i: i.update(img_shapes=[(1, -4, -6)] * 2), r"img_shapes.*positive.*\(1, -4, -6\)"),
-        (lambda i: i.update(img_shapes=[(1, 4, 6), (1, 3, 8)]), r"img_shapes` sample 1.*differs"),
+        (lambda i: i.update(img_shapes=[(1, 4, 6), (1, 4, 5)]), r"img_shapes` sample 1.*20 image tokens.*24"),
+        (lambda i: i.update(img_shapes=[(1, 4, 6), (1, 3, 8), (1, 6, 4)]), r"img_shapes` lists 3 samples.*batch 2"),
         (lambda i: i.update(hidden_states=torch.randn(2, 24, 16, dtype=torch.float64)), r"hidden_states.*float64"),
         (
             lambda i: i.update(encoder_hidden_states=torch.randn(2, 7, 24, dtype=torch.float64)),

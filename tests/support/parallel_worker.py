@@ -363,8 +363,9 @@ def main(out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def launch(out_dir: Path, timeout_s: float) -> list[dict]:
-    """Run this module on ``WORLD_SIZE`` CPU processes; return each rank's results.
+def launch(out_dir: Path, timeout_s: float, module: str = __name__) -> list[dict]:
+    """Run ``module`` (this one, or a worker that runs its own scenarios through :func:`main`) on
+    ``WORLD_SIZE`` CPU processes; return each rank's results.
 
     Raises ``RuntimeError`` with the ranks' output if any rank fails or the run exceeds ``timeout_s``.
     """
@@ -376,7 +377,7 @@ def launch(out_dir: Path, timeout_s: float) -> list[dict]:
         with open(log, "w") as handle:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.support.parallel_worker", str(out_dir)],
+                    [sys.executable, "-m", module, str(out_dir)],
                     cwd=repo_root,
                     env={**env, "RANK": str(rank)},
                     stdout=handle,
