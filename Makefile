@@ -6,6 +6,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# test-triton-3.6: the kernel tests (Triton interpreted, and the sm_90 compile of
+# test_compiled_figures.py) under Triton 3.6, the GPU image's, beside the CPU torch 2.13.0 and the
+# newest NumPy (2.4 and later broke Triton 3.6's interpreter on a runtime loop bound). All of
+# tests/kernels: the files that never reach Triton add only about 7 s to the 40 s; the target takes
+# about 1 min 45 s from scratch, most of it the install.
+TRITON36_VENV ?= .venv-triton-3.6
+TRITON36_PY := $(TRITON36_VENV)/bin/python
+TRITON36_STAMP := $(TRITON36_VENV)/.installed
+
 # The vllm-omni tiers run in venvs of their own: vllm-omni pins vllm, diffusers and transformers.
 # PyPI's torch 2.13.0 and torchvision 0.28.0 come first, asked for as `torch===2.13.0` (string
 # equality), so the local 2.13.0+cpu wheel is never taken: vllm-omni's full engine needs torchvision
@@ -42,7 +51,7 @@ define vllm_omni_venv
 	$(1)/bin/python -m pip install -q $(2)
 endef
 
-.PHONY: demo test test-vllm-omni test-vllm-omni-newest test-verl-omni bench gpu-check clean
+.PHONY: demo test test-triton-3.6 test-vllm-omni test-vllm-omni-newest test-verl-omni bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +64,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+$(TRITON36_STAMP): pyproject.toml
+	test -x $(TRITON36_PY) || $(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_PY) -m pip install -q torch==2.13.0 triton==3.6.0 "numpy>=2.4"
+	$(TRITON36_PY) -m pip install -q -e ".[test]"
+	touch $(TRITON36_STAMP)
+
+test-triton-3.6: $(TRITON36_STAMP)
+	$(TRITON36_PY) -m pytest -q tests/kernels
 
 $(VLLM_OMNI_STAMP): pyproject.toml tests/support/cpu_platform/pyproject.toml
 	$(call vllm_omni_venv,$(VLLM_OMNI_VENV),"vllm==0.30.0" "vllm-omni==0.30.0")
@@ -104,6 +122,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_qk_norm_rope.py
 	$(PY) benchmarks/bench_transformer.py
 	$(PY) benchmarks/rollout_trainer_kl.py
+	$(PY) benchmarks/kernel_static.py
 
 # The cuda-marked tests and the GPU benchmark tables, one summary table (benchmarks/gpu_check.py;
 # options in GPU_CHECK_ARGS, e.g. "--out PATH"). It fails at once, with one line, without a GPU.
@@ -113,4 +132,4 @@ gpu-check: $(if $(filter command line,$(origin PY)),,$(STAMP))
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_OMNI_VENV) $(VLLM_OMNI_NEWEST_VENV) $(VERL_OMNI_VENV) build *.egg-info
+	rm -rf $(VENV) $(TRITON36_VENV) $(VLLM_OMNI_VENV) $(VLLM_OMNI_NEWEST_VENV) $(VERL_OMNI_VENV) build *.egg-info

@@ -194,3 +194,40 @@ def test_benchmarks_import_nothing_from_the_tests_and_load_no_script_by_path():
                 assert all(alias.name.split(".")[0] != "tests" for alias in node.names), script.name
             elif isinstance(node, ast.Attribute):
                 assert node.attr != "spec_from_file_location", f"{script.name} loads a script by path"
+
+
+def test_the_kernels_import_and_run_without_diffusers():
+    """``qwen_image_omni.kernels`` needs torch only (a GPU image may lack diffusers): the package's
+    top-level names are lazy, and no kernel module imports diffusers."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoDiffusers(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'diffusers':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoDiffusers())\n"
+        "import torch\n"
+        "from qwen_image_omni.kernels import joint_qk_norm_rope\n"
+        "b, s_img, s_txt, h, d = 1, 3, 2, 2, 8\n"
+        "img_q, img_k = torch.randn(2, b, s_img, h, d)\n"
+        "txt_q, txt_k = torch.randn(2, b, s_txt, h, d)\n"
+        "weights = dict.fromkeys(['img_q_weight', 'img_k_weight', 'txt_q_weight', 'txt_k_weight'], torch.ones(d))\n"
+        "img_freqs = torch.polar(torch.ones(s_img, d // 2), torch.randn(s_img, d // 2))\n"
+        "txt_freqs = torch.polar(torch.ones(s_txt, d // 2), torch.randn(s_txt, d // 2))\n"
+        "q, k = joint_qk_norm_rope(img_q, img_k, txt_q, txt_k, **weights, img_freqs=img_freqs,"
+        " txt_freqs=txt_freqs, backend='torch')\n"
+        "assert q.shape == k.shape == (b, s_txt + s_img, h, d), (q.shape, k.shape)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_top_level_names_are_lazy_but_listed():
+    """``from qwen_image_omni import QwenImageTransformer2DModel`` and ``dir()`` still see the model."""
+    assert set(qwen_image_omni.__all__) <= set(dir(qwen_image_omni))
+    from qwen_image_omni import QwenImageTransformer2DModel
+    from qwen_image_omni.models import QwenImageTransformer2DModel as defined
+
+    assert QwenImageTransformer2DModel is defined
