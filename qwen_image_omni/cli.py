@@ -24,6 +24,7 @@ BENCHMARKS = {
     "transformer": "bench_transformer.py",
     "qk-norm-rope": "bench_qk_norm_rope.py",
     "rollout-kl": "rollout_trainer_kl.py",
+    "kernel-static": "kernel_static.py",
 }
 
 
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser(
         "bench",
         help="run the benchmark scripts of a source checkout",
-        description="Run benchmarks/bench_transformer.py and/or benchmarks/bench_qk_norm_rope.py; "
+        description="Run the scripts of benchmarks/ (" + ", ".join(f"{n}: {f}" for n, f in BENCHMARKS.items()) + "); "
         "arguments after NAME go to that script (see `qwen-image-omni bench transformer --help`).",
     )
     bench_parser.add_argument("name", nargs="?", default="all", choices=[*BENCHMARKS, "all"])
