@@ -29,6 +29,9 @@ import torch.distributed as dist
 from diffusers import QwenImageTransformer2DModel as DiffusersQwenImageTransformer2DModel
 
 from tests.support.parallel_worker import (
+    FORWARD_TOL,
+    GRAD_TOL,
+    LAUNCH_TIMEOUT_S,
     SGD_LR,
     UNEVEN_IMG_SHAPE,
     UNEVEN_TEXT_WIDTH,
@@ -45,9 +48,6 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
 ]
 
-LAUNCH_TIMEOUT_S = 180
-FORWARD_TOL = dict(rtol=1e-5, atol=1e-5)
-GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 
 # diffusers 0.39 splits the text mask with the sequence (in its _cp_plan) so that Ulysses can gather it.
 DIFFUSERS_MASKED_ULYSSES = "encoder_hidden_states_mask" in DiffusersQwenImageTransformer2DModel._cp_plan.get(

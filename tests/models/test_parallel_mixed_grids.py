@@ -24,7 +24,7 @@ from tests.support.mixed_grid_parallel_worker import (
     launch,
     mixed_inputs,
 )
-from tests.support.parallel_worker import loss_target, training_loss
+from tests.support.parallel_worker import FORWARD_TOL, GRAD_TOL, LAUNCH_TIMEOUT_S, loss_target, training_loss
 from tests.support.tiny import make_pair, run
 
 pytestmark = [
@@ -32,9 +32,6 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"),
 ]
 
-LAUNCH_TIMEOUT_S = 180
-FORWARD_TOL = dict(rtol=1e-5, atol=1e-5)
-GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

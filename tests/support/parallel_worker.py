@@ -27,6 +27,10 @@ from diffusers.models import attention_dispatch
 from tests.support.tiny import TINY_CONFIG, make_inputs, make_pair
 
 WORLD_SIZE = 2
+# What the tests that launch a 2-process run share: its time bound and the tolerances against one process.
+LAUNCH_TIMEOUT_S = 180
+FORWARD_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-5, atol=1e-6)
 TEXT_WIDTH = 8  # splits 4 + 4 over 2 ranks
 IMG_SHAPE = (1, 4, 6)  # 24 image tokens: 12 + 12
 # Right padding that leaves rank 1 only padding text, and holes in both halves of the text.
