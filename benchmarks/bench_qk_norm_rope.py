@@ -57,21 +57,30 @@ def make_case(args, dtype: torch.dtype, device: str, txt: int | None = None, req
     case = {}
     for name in NAMES:
         seq = args.img if name.startswith("img") else txt
-        x = torch.randn(batch, seq, heads * head_dim, generator=gen).to(device=device, dtype=dtype)
-        x.requires_grad_(requires_grad)
-        case[f"{name}_flat"] = x
-        case[name] = x.unflatten(-1, (heads, head_dim))
-        norm = RMSNorm(head_dim, eps=1e-6).to(device=device, dtype=dtype)
-        norm.weight.data.copy_(torch.rand(head_dim, generator=gen) + 0.5)
-        norm.weight.requires_grad_(requires_grad)
-        case[f"{name}_norm"] = norm
+        _add_projection(case, name, gen, (batch, seq, heads, head_dim), dtype, device, requires_grad)
+        case[name] = case[f"{name}_flat"].unflatten(-1, (heads, head_dim))
     for stream, seq in (("img", args.img), ("txt", txt)):
         case[f"{stream}_freqs"] = _table(gen, (batch, seq) if per_sample else (seq,), head_dim, device)
     case["leaves"] = [case[f"{n}_flat"] for n in NAMES] + [case[f"{n}_norm"].weight for n in NAMES]
     if requires_grad:
-        joint = (batch, txt + args.img, heads, head_dim)
-        case["grads"] = tuple(torch.randn(joint, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+        case["grads"] = _output_grads(gen, (batch, txt + args.img, heads, head_dim), dtype, device)
     return case
+
+
+def _add_projection(case: dict, name: str, gen: torch.Generator, shape: tuple, dtype, device, requires_grad: bool):
+    """``case[name + "_flat"]``: a linear output ``[B, S, H*D]`` for heads ``shape`` ``[B, S, H, D]``, and
+    ``case[name + "_norm"]``: its RMSNorm with weights in [0.5, 1.5); leaves when ``requires_grad``."""
+    batch, seq, heads, head_dim = shape
+    x = torch.randn(batch, seq, heads * head_dim, generator=gen).to(device=device, dtype=dtype)
+    case[f"{name}_flat"] = x.requires_grad_(requires_grad)
+    norm = RMSNorm(head_dim, eps=1e-6).to(device=device, dtype=dtype)
+    norm.weight.data.copy_(torch.rand(head_dim, generator=gen) + 0.5)
+    case[f"{name}_norm"] = norm.requires_grad_(requires_grad)
+
+
+def _output_grads(gen: torch.Generator, shape: tuple, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random gradients of the two outputs (q's and k's), for the backward."""
+    return tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
 
 
 def _table(gen: torch.Generator, rows: tuple, head_dim: int, device: str) -> torch.Tensor:
@@ -84,18 +93,14 @@ def make_single_case(args, dtype: torch.dtype, device: str, txt: int, requires_g
     their RMSNorms, a per-sample table ``[B, S, D/2]`` (2.1's positions are per sample) and output gradients."""
     gen = torch.Generator().manual_seed(0)
     seq, heads, head_dim = args.img + txt, args.heads, args.head_dim
+    shape = (args.batch, seq, heads, head_dim)
     case = {}
     for name in ("q", "k"):
-        x = torch.randn(args.batch, seq, heads * head_dim, generator=gen).to(device=device, dtype=dtype)
-        case[f"{name}_flat"] = x.requires_grad_(requires_grad)
-        norm = RMSNorm(head_dim, eps=1e-6).to(device=device, dtype=dtype)
-        norm.weight.data.copy_(torch.rand(head_dim, generator=gen) + 0.5)
-        case[f"{name}_norm"] = norm.requires_grad_(requires_grad)
+        _add_projection(case, name, gen, shape, dtype, device, requires_grad)
     case["freqs"] = _table(gen, (args.batch, seq), head_dim, device)
     case["leaves"] = [case["q_flat"], case["k_flat"], case["q_norm"].weight, case["k_norm"].weight]
     if requires_grad:
-        shape = (args.batch, seq, heads, head_dim)
-        case["grads"] = tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+        case["grads"] = _output_grads(gen, shape, dtype, device)
     return case
 
 

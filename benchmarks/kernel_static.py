@@ -151,13 +151,15 @@ def _number(x, digits: int = 1) -> str:
 
 def table(rows: list) -> str:
     """A markdown table of ``LaunchFigures``."""
-    head = ("launch", "dtype", "grid", "programs", "/132 SMs", "resident/SM", "warps", "regs", "spill st/ld B",
+    from qwen_image_omni.kernels.triton_backend import H100_SMS  # the SM count the launches are sized for
+
+    head = ("launch", "dtype", "grid", "programs", f"/{H100_SMS} SMs", "resident/SM", "warps", "regs", "spill st/ld B",
             "smem B", "q/k ld B", "out st B", "table ld B", "other B", "SASS instr", "steady instr", "instr/elem",
             "passes", "barriers static/program", "MB moved", "ideal us @3 TB/s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in rows:
         cells = (
-            f.name, f.dtype, "x".join(map(str, f.grid)), f.programs, _number(f.programs / compiled_figures.H100_SMS),
+            f.name, f.dtype, "x".join(map(str, f.grid)), f.programs, _number(f.programs / H100_SMS),
             f.resident_per_sm, f.num_warps, f.registers, f"{f.spill_stores}/{f.spill_loads}", f.shared_bytes,
             _widths(f, "qk"), _widths(f, "out"), _widths(f, "table"), _widths(f, "other"),
             f"{f.instructions} {f.instruction_kind}", f.steady_instructions, _number(f.instructions_per_element),

@@ -159,6 +159,13 @@ def test_no_public_class_name_is_defined_twice():
     assert {name: modules for name, modules in defined.items() if len(modules) > 1} == {}
 
 
+def _run_and_print(code: str) -> str:
+    """``code`` run by a fresh interpreter (it must succeed); what it printed, stripped."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip()
+
+
 def test_the_vllm_omni_entry_point_module_imports_light():
     """vllm-omni imports ``qwen_image_omni.integrations.vllm_omni`` in every process: it loads neither
     vllm nor the RL stack until ``register()`` runs, and ``register`` is there."""
@@ -169,9 +176,7 @@ def test_the_vllm_omni_entry_point_module_imports_light():
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'vllm_omni')"
         " or m.startswith('qwen_image_omni.pipelines')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
+    assert _run_and_print(code) == "[]"
 
 
 def test_the_test_tree_mirrors_the_package_with_few_files_at_its_root():
@@ -219,9 +224,7 @@ def test_the_kernels_import_and_run_without_diffusers():
         "assert q.shape == k.shape == (b, s_txt + s_img, h, d), (q.shape, k.shape)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
+    assert _run_and_print(code) == "[]"
 
 
 def test_the_top_level_names_are_lazy_but_listed():

@@ -64,7 +64,6 @@ import torch
 __all__ = [
     "DEFINITIONS",
     "H100_BANDWIDTH",
-    "H100_SMS",
     "MODEL",
     "LaunchFigures",
     "ModelShapes",
@@ -75,7 +74,6 @@ __all__ = [
     "toolchain_missing",
 ]
 
-H100_SMS = 132
 H100_BANDWIDTH = 3.0e12  # bytes/s, the HBM3 roofline the ideal times use
 _CAPABILITY = 90
 _WARP = 32
@@ -397,8 +395,7 @@ def _sass(cubin: bytes) -> list[tuple[int, str]] | None:
     out = []
     for match in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text):
         instruction = match.group(2).strip()
-        opcode = re.sub(r"^@!?U?P\w+\s+", "", instruction).split(" ", 1)[0]
-        if opcode != "NOP":
+        if _sass_opcode(instruction) != "NOP":
             out.append((int(match.group(1), 16), instruction))
     return out
 

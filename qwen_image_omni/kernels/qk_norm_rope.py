@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from .reference import result_dtype
-from .torch_backend import joint_qk_norm_rope_torch, qk_norm_rope_torch
+from .torch_backend import joint_qk_norm_rope_torch, needs_autograd, qk_norm_rope_torch
 
-__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "joint_qk_norm_rope", "qk_norm_rope", "result_dtype"]
+__all__ = ["BACKEND_ENV_VAR", "BACKENDS", "joint_qk_norm_rope", "qk_norm_rope"]
 
 BACKEND_ENV_VAR = "QWEN_IMAGE_OMNI_QK_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -269,7 +269,7 @@ def qk_norm_rope(
     outs = _check_out(out, q, k, (q_weight, k_weight))
     _check_devices({"q": q, "k": k, "freqs": freqs, **weights, **outs}, "q")
     _check_eps(eps)
-    if outs and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, freqs, q_weight, k_weight)):
+    if outs and needs_autograd((q, k, freqs, q_weight, k_weight)):
         raise ValueError(
             "out: writing into given buffers is for inference, but autograd is recording (an input requires "
             "grad); call without out (fresh outputs, differentiable) or under torch.no_grad()"

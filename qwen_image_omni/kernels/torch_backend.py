@@ -30,6 +30,7 @@ __all__ = [
     "NormRopeFunction",
     "chunk_rows",
     "joint_qk_norm_rope_torch",
+    "needs_autograd",
     "qk_norm_rope_torch",
 ]
 
@@ -333,7 +334,8 @@ class NormRopeFunction(torch.autograd.Function):
         return (None, None, *grads, *(None,) * len(tables))
 
 
-def _needs_autograd(tensors) -> bool:
+def needs_autograd(tensors) -> bool:
+    """Whether autograd records an op on ``tensors`` (None entries allowed)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -341,7 +343,7 @@ def _eager_path(layout: str, inputs: tuple, weights: tuple, tables: tuple, eps: 
     """The eager paths' result, or None where the reference must run (compile, torch.func, table gradients)."""
     if torch.compiler.is_compiling():
         return None
-    if not _needs_autograd((*inputs, *weights, *tables)):
+    if not needs_autograd((*inputs, *weights, *tables)):
         return _norm_rope_fast(layout, inputs, weights, tables, eps)
     # An autograd.Function without setup_context/vmap rules cannot run under torch.func transforms.
     if any(t.requires_grad for t in tables) or torch._C._are_functorch_transforms_active():

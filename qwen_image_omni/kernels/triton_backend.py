@@ -340,23 +340,31 @@ def _table(freqs: Tensor) -> tuple[Tensor, int]:
     return table, table.stride(0) if table.dim() == 4 else 0
 
 
+def _stream_args(q, k, w_q, w_k, freqs, tiles: Tiles) -> dict:
+    """The arguments both kernels take for one stream: q, k, weights and table, with their strides and
+    the constexprs that specialise the kernels (all but the token tile and the tiles per program)."""
+    _, seq, heads, head_dim = q.shape
+    table, stride_tb = _table(freqs)
+    return dict(
+        q_ptr=q, k_ptr=k, wq_ptr=q if w_q is None else w_q, wk_ptr=k if w_k is None else w_k, table_ptr=table,
+        seq_len=seq, heads=heads,
+        stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
+        stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2), stride_tb=stride_tb,
+        HALF=head_dim // 2, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_H=tiles.block_h,
+        HAS_WQ=w_q is not None, HAS_WK=w_k is not None, ROUND=_ROUNDING[q.dtype], INTERPRETED=_INTERPRETED,
+    )  # fmt: skip
+
+
 def _forward_launch(name, q, k, w_q, w_k, freqs, out_q, out_k, rstd_q, rstd_k, row0, eps) -> Launch:
     batch, seq, heads, head_dim = q.shape
     tiles = plan_tiles(heads, head_dim)
-    table, stride_tb = _table(freqs)
     args = dict(
-        q_ptr=q, k_ptr=k, wq_ptr=q if w_q is None else w_q, wk_ptr=k if w_k is None else w_k, table_ptr=table,
-        out_q_ptr=out_q, out_k_ptr=out_k, rstd_q_ptr=rstd_q, rstd_k_ptr=rstd_k,
-        seq_len=seq, heads=heads, out_row0=row0,
-        stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
-        stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2), stride_tb=stride_tb,
+        _stream_args(q, k, w_q, w_k, freqs, tiles),
+        out_q_ptr=out_q, out_k_ptr=out_k, rstd_q_ptr=rstd_q, rstd_k_ptr=rstd_k, out_row0=row0,
         stride_oqb=out_q.stride(0), stride_oqs=out_q.stride(1), stride_oqh=out_q.stride(2),
         stride_okb=out_k.stride(0), stride_oks=out_k.stride(1), stride_okh=out_k.stride(2),
         stride_rb=rstd_q.stride(0), stride_rs=rstd_q.stride(1),
-        eps=eps,
-        HALF=head_dim // 2, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_T=tiles.block_t,
-        BLOCK_H=tiles.block_h, HAS_WQ=w_q is not None, HAS_WK=w_k is not None, ROUND=_ROUNDING[q.dtype],
-        INTERPRETED=_INTERPRETED,
+        eps=eps, BLOCK_T=tiles.block_t,
     )  # fmt: skip
     grid = (triton.cdiv(seq, tiles.block_t), triton.cdiv(heads, tiles.block_h), batch)
     return Launch(name, qk_norm_rope_fwd_kernel, grid, args, tiles.num_warps, False)
@@ -372,22 +380,16 @@ def _backward_launch(name, grad_q, grad_k, q, k, w_q, w_k, freqs, rstd_q, rstd_k
     dq, dk = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k))
     partials = tuple(q.new_empty((programs, head_dim) if w is not None else (0,), dtype=torch.float32)
                      for w in (w_q, w_k))
-    table, stride_tb = _table(freqs)
     args = dict(
-        gq_ptr=grad_q, gk_ptr=grad_k, q_ptr=q, k_ptr=k, wq_ptr=q if w_q is None else w_q,
-        wk_ptr=k if w_k is None else w_k, table_ptr=table, rstd_q_ptr=rstd_q, rstd_k_ptr=rstd_k,
-        dq_ptr=dq, dk_ptr=dk, dwq_ptr=partials[0], dwk_ptr=partials[1],
-        seq_len=seq, heads=heads, grad_row0=row0,
+        _stream_args(q, k, w_q, w_k, freqs, tiles),
+        gq_ptr=grad_q, gk_ptr=grad_k, rstd_q_ptr=rstd_q, rstd_k_ptr=rstd_k,
+        dq_ptr=dq, dk_ptr=dk, dwq_ptr=partials[0], dwk_ptr=partials[1], grad_row0=row0,
         stride_gqb=grad_q.stride(0), stride_gqs=grad_q.stride(1), stride_gqh=grad_q.stride(2),
         stride_gqd=grad_q.stride(3), stride_gkb=grad_k.stride(0), stride_gks=grad_k.stride(1),
         stride_gkh=grad_k.stride(2), stride_gkd=grad_k.stride(3),
-        stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
-        stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2), stride_tb=stride_tb,
         stride_rb=rstd_q.stride(0), stride_rs=rstd_q.stride(1),
         stride_db=dq.stride(0), stride_ds=dq.stride(1), stride_dh=dq.stride(2),
-        HALF=head_dim // 2, BLOCK_HALF=triton.next_power_of_2(head_dim // 2), BLOCK_T=tiles.bwd_block_t,
-        BLOCK_H=tiles.block_h, TILES_PER_PROGRAM=count, HAS_WQ=w_q is not None, HAS_WK=w_k is not None,
-        ROUND=_ROUNDING[q.dtype], INTERPRETED=_INTERPRETED,
+        BLOCK_T=tiles.bwd_block_t, TILES_PER_PROGRAM=count,
     )  # fmt: skip
     return Launch(name, qk_norm_rope_bwd_kernel, grid, args, tiles.num_warps, False), (dq, dk, *partials)
 

@@ -21,15 +21,14 @@ from tests.support.kernel_testing import (
     WEIGHT_NAMES,
     assert_matches,
     call,
-    call_single,
     check_single_stream,
+    check_single_stream_out,
     forward_backward,
     joint_grads,
     make_inputs,
     make_stream_inputs,
     per_sample_tables,
     reference,
-    single_reference,
     strided_leaves,
     with_leaves,
 )
@@ -427,11 +426,4 @@ def test_single_stream(per_sample, dtype, layout, monkeypatch):
 @pytest.mark.parametrize("where", ["buffers", "in-place"])
 def test_single_stream_out(dtype, where):
     """``out=``: written into given buffers, or into q and k themselves; the same numbers as fresh outputs."""
-    inputs = make_stream_inputs(dtype=dtype, per_sample=True)
-    expected = single_reference(inputs)
-    q, k = inputs["q"].clone(), inputs["k"].clone()
-    out = (torch.empty_like(q), torch.empty_like(k)) if where == "buffers" else (q, k)
-    got = call_single(qk_norm_rope_torch, {**inputs, "q": q, "k": k}, out=out)
-    assert got[0] is out[0] and got[1] is out[1]
-    for g, e in zip(out, expected):
-        assert_matches(g, e, min_exact=1.0)
+    check_single_stream_out(qk_norm_rope_torch, where, dtype, lambda g, e: assert_matches(g, e, min_exact=1.0))

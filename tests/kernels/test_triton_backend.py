@@ -23,13 +23,12 @@ from tests.support.kernel_testing import (
     NAMES,
     WEIGHT_NAMES,
     call,
-    call_single,
     check_single_stream,
+    check_single_stream_out,
     make_inputs,
     make_stream_inputs,
     per_sample_tables,
     reference,
-    single_reference,
     ulp_distance,
 )
 
@@ -311,14 +310,8 @@ def test_single_stream(per_sample, dtype, monkeypatch):
 
 @pytest.mark.parametrize("where", ["buffers", "in-place"])
 def test_single_stream_out(where):
-    inputs = make_stream_inputs(dtype=torch.bfloat16, per_sample=True)
-    expected = single_reference(inputs)
-    q, k = inputs["q"].clone(), inputs["k"].clone()
-    out = (torch.empty_like(q), torch.empty_like(k)) if where == "buffers" else (q, k)
-    got = call_single(qk_norm_rope_triton, {**inputs, "q": q, "k": k}, out=out)
-    assert got[0] is out[0] and got[1] is out[1]
-    for g, e in zip(out, expected):
-        assert_close_to(g, e, MIN_EXACT[torch.bfloat16])
+    check_single_stream_out(qk_norm_rope_triton, where, torch.bfloat16,
+                            lambda g, e: assert_close_to(g, e, MIN_EXACT[torch.bfloat16]))
 
 
 def test_opcheck_single_stream():

@@ -193,6 +193,19 @@ def assert_weight_grad_close(got, expected, name):
                                msg=name)
 
 
+def check_single_stream_out(fn, where, dtype, assert_output):
+    """``fn(..., out=...)`` writes the reference's numbers into given buffers (``where="buffers"``) or into
+    q and k themselves (``"in-place"``) and returns those very tensors; ``assert_output(got, expected)``."""
+    inputs = make_stream_inputs(dtype=dtype, per_sample=True)
+    expected = single_reference(inputs)
+    q, k = inputs["q"].clone(), inputs["k"].clone()
+    out = (torch.empty_like(q), torch.empty_like(k)) if where == "buffers" else (q, k)
+    got = call_single(fn, {**inputs, "q": q, "k": k}, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    for g, e in zip(out, expected):
+        assert_output(g, e)
+
+
 def check_single_stream(fn, inputs, *, assert_output=assert_matches, assert_input_grad=None,
                         requires=("q", "k", "q_weight", "k_weight")):
     """``fn`` (a single-stream implementation) against ``single_reference``: outputs and the gradients of
